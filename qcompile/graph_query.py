@@ -1,0 +1,409 @@
+"""Graph queries over a networkx view of an FX graph.
+
+Everything later passes need to find is found from dataflow, never from per-architecture name
+tables: the linear nodes and their weights, each normalization's output and the linears that
+consume it (through views and casts only), the producer -> consumer pairs whose channels can be
+rescaled or permuted for free (v -> o, up * act(gate) -> down, fc1 -> ReLU -> fc2), and the
+decoder-layer partition.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile.frontend import module_name_of
+
+__all__ = [
+    "to_networkx", "LinearSite", "NormSite", "ProducerPair", "linear_sites", "norm_sites",
+    "producer_pairs", "layer_index", "layer_partition", "is_linear", "get_tensor", "set_tensor",
+]
+
+aten = torch.ops.aten
+
+# ops that pass a tensor through unchanged in value (views, casts, no-op checks, eval dropout)
+_TRANSPARENT = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
+    aten.clone.default, aten.contiguous.default, aten.detach.default, aten.dropout.default,
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.float, torch.Tensor.type_as,
+    F.dropout, torch.nn.functional.dropout,
+}
+_CHECKS = {aten._assert_tensor_metadata.default}
+_SILU_LIKE = {aten.silu.default, aten.gelu.default, F.silu, F.gelu, torch.nn.functional.silu}
+_RELU = {aten.relu.default, F.relu, torch.relu}
+_MUL = {aten.mul.Tensor, torch.mul, __import__("operator").mul}
+_SDPA = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+_HEAD_RESHAPE = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
+                 aten.expand.default, aten.unsqueeze.default, aten.contiguous.default,
+                 aten.clone.default, aten.to.dtype, aten.alias.default, aten._unsafe_view.default,
+                 aten.slice.Tensor}
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """A DiGraph with one vertex per FX node (keyed by the Node) and an edge per data use."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node, op=node.op, target=node.target, module=module_name_of(node))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+# ---------------------------------------------------------------- tensors by name
+
+def get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
+    mod_name, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(mod_name) if mod_name else gm, attr)
+
+
+def set_tensor(gm: nn.Module, target: str, value: torch.Tensor, *, parameter: bool | None = None) -> None:
+    """Replace (or create) the parameter/buffer at ``target``; keeps its kind unless told."""
+    mod_name, _, attr = target.rpartition(".")
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    old = getattr(mod, attr, None)
+    as_param = isinstance(old, nn.Parameter) if parameter is None else parameter
+    if hasattr(mod, attr):
+        delattr(mod, attr)
+    if as_param:
+        mod.register_parameter(attr, nn.Parameter(value, requires_grad=False))
+    else:
+        mod.register_buffer(attr, value)
+
+
+# ---------------------------------------------------------------- linears
+
+def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in (aten.linear.default, F.linear):
+        return True
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Linear)
+    return False
+
+
+@dataclass
+class LinearSite:
+    """A float linear layer in the graph: the node, its input node and where its tensors live."""
+
+    node: fx.Node
+    module: str
+    weight: str            # target of the weight tensor on the graph module
+    bias: str | None       # target of the bias tensor, if any
+
+    @property
+    def input(self) -> fx.Node:
+        return self.node.args[0]  # type: ignore[return-value]
+
+    def weight_tensor(self, gm: fx.GraphModule) -> torch.Tensor:
+        return get_tensor(gm, self.weight)
+
+    def bias_tensor(self, gm: fx.GraphModule) -> torch.Tensor | None:
+        return get_tensor(gm, self.bias) if self.bias else None
+
+
+def _attr_target(node) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    """Every float linear node, in graph order, with its module name and weight/bias targets."""
+    sites = []
+    for node in gm.graph.nodes:
+        if not is_linear(gm, node):
+            continue
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            sites.append(LinearSite(node, str(node.target), f"{node.target}.weight",
+                                    f"{node.target}.bias" if mod.bias is not None else None))
+            continue
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        wt = _attr_target(w)
+        if wt is None:
+            continue  # a linear on a computed weight is not a layer we can quantize
+        module = wt.rsplit(".", 1)[0] if "." in wt else module_name_of(node)
+        sites.append(LinearSite(node, module, wt, _attr_target(b)))
+    return sites
+
+
+# ---------------------------------------------------------------- norms
+
+_NORM_CLASS = re.compile(r"(RMS|Layer|Group)Norm|Norm$", re.I)
+
+
+@dataclass
+class NormSite:
+    """A normalization module: its output node, affine tensors and the linears reading it."""
+
+    module: str
+    output: fx.Node
+    weight: str | None
+    bias: str | None
+    linears: list[LinearSite] = field(default_factory=list)
+    other_users: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def foldable(self) -> bool:
+        """A scale can be folded into the norm only if linears are its only consumers."""
+        return bool(self.linears) and not self.other_users and self.weight is not None
+
+
+def _module_class(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][1]
+
+
+def _forward_through(node: fx.Node, ops: set) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Users of ``node`` reached through value-preserving ops: (terminal users, the edges' heads)."""
+    ends: list[fx.Node] = []
+    stack = [node]
+    seen = set()
+    while stack:
+        cur = stack.pop()
+        for user in cur.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_function" and user.target in _CHECKS:
+                continue
+            if user.op in ("call_function", "call_method") and (user.target in ops or user.target in
+                                                                 ("to", "contiguous", "float", "view", "reshape")):
+                if user.args and user.args[0] is cur:
+                    stack.append(user)
+                    continue
+            ends.append(user)
+    return ends, list(seen)
+
+
+def norm_sites(gm: fx.GraphModule) -> list[NormSite]:
+    """Every normalization module (RMSNorm, LayerNorm, ...) with the linears that consume it."""
+    by_module: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            if _NORM_CLASS.search(type(gm.get_submodule(node.target)).__name__):
+                by_module.setdefault(str(node.target), []).append(node)
+            continue
+        if node.op == "call_function" and _NORM_CLASS.search(_module_class(node).rsplit(".", 1)[-1]):
+            by_module.setdefault(module_name_of(node), []).append(node)
+    linears = {s.node: s for s in linear_sites(gm)}
+    sites = []
+    for module, nodes in by_module.items():
+        inside = set(nodes)
+        # the output is the last node read outside the module (an earlier one, such as the
+        # float32 cast of the input that export shares with the residual, is the input itself)
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if not outputs:
+            continue
+        out = outputs[-1]
+        weight = bias = None
+        if out.op == "call_module":
+            mod = gm.get_submodule(out.target)
+            weight = f"{module}.weight" if getattr(mod, "weight", None) is not None else None
+            bias = f"{module}.bias" if getattr(mod, "bias", None) is not None else None
+        else:
+            for n in nodes:
+                for a in n.all_input_nodes:
+                    t = _attr_target(a)
+                    if t and t.startswith(module + ".") and t.endswith(".weight"):
+                        weight = t
+                    elif t and t.startswith(module + ".") and t.endswith(".bias"):
+                        bias = t
+        ends, _ = _forward_through(out, _TRANSPARENT)
+        site = NormSite(module, out, weight, bias)
+        for e in ends:
+            if e in linears and _reaches_as_input(out, e):
+                site.linears.append(linears[e])
+            else:
+                site.other_users.append(e)
+        sites.append(site)
+    return sites
+
+
+def _reaches_as_input(src: fx.Node, linear: fx.Node) -> bool:
+    """True if ``linear``'s activation input (arg 0) comes from ``src`` via transparent ops."""
+    cur = linear.args[0]
+    while isinstance(cur, fx.Node):
+        if cur is src:
+            return True
+        if cur.op in ("call_function", "call_method") and (cur.target in _TRANSPARENT or cur.target in
+                                                           ("to", "contiguous", "float", "view", "reshape")):
+            cur = cur.args[0]
+            continue
+        return False
+    return False
+
+
+# ---------------------------------------------------------------- producer -> consumer pairs
+
+@dataclass
+class ProducerPair:
+    """A linear whose output channels feed a consumer linear's input channels, so a per-channel
+    scale (or permutation) can move from one to the other without changing the function.
+
+    ``kind``: "v_o" (attention values -> output projection; ``groups`` query heads share each
+    value head of ``head_dim`` channels), "up_down" (SiLU(gate) * up -> down; ``gate`` is the
+    gate linear), or "fc1_fc2" (ReLU in between).
+    """
+
+    kind: str
+    producer: LinearSite
+    consumer: LinearSite
+    head_dim: int = 0
+    groups: int = 1
+    gate: LinearSite | None = None
+
+    def consumer_channel_map(self, producer_channels: int) -> torch.Tensor:
+        """For each consumer input channel, the producer output channel it carries."""
+        if self.kind != "v_o" or self.groups == 1:
+            return torch.arange(producer_channels)
+        d, g = self.head_dim, self.groups
+        n_kv = producer_channels // d
+        heads = torch.arange(n_kv * g)
+        base = (heads // g) * d
+        return (base[:, None] + torch.arange(d)[None, :]).reshape(-1)
+
+
+def _back_through(node, ops: set) -> fx.Node | None:
+    cur = node
+    while isinstance(cur, fx.Node) and cur.op in ("call_function", "call_method") and (
+            cur.target in ops or cur.target in ("to", "contiguous", "view", "reshape", "transpose")):
+        cur = cur.args[0]
+    return cur if isinstance(cur, fx.Node) else None
+
+
+def producer_pairs(gm: fx.GraphModule) -> list[ProducerPair]:
+    """Every equalizable producer -> consumer pair, found from dataflow."""
+    sites = {s.node: s for s in linear_sites(gm)}
+    pairs: list[ProducerPair] = []
+    for node, consumer in sites.items():
+        src = _back_through(consumer.input, _TRANSPARENT)
+        if src is None:
+            continue
+        # SiLU(gate) * up -> down   (the product is linear in up)
+        if src.op == "call_function" and src.target in _MUL and len(src.args) == 2:
+            a, b = (_back_through(x, _TRANSPARENT) for x in src.args)
+            for act, lin in ((a, b), (b, a)):
+                if (isinstance(act, fx.Node) and act.target in _SILU_LIKE and lin in sites
+                        and len(lin.users) == 1):
+                    gate = _back_through(act.args[0], _TRANSPARENT)
+                    if gate in sites:
+                        pairs.append(ProducerPair("up_down", sites[lin], consumer, gate=sites[gate]))
+                        break
+            continue
+        # fc1 -> ReLU -> fc2   (ReLU is positively homogeneous)
+        if src.op in ("call_function", "call_module") and _is_relu(gm, src):
+            lin = _back_through(src.args[0], _TRANSPARENT)
+            if lin in sites and len(lin.users) == 1 and len(src.users) == 1:
+                pairs.append(ProducerPair("fc1_fc2", sites[lin], consumer))
+            continue
+        # v -> attention -> o   (attention output is a convex combination of value rows)
+        attn = _back_through(consumer.input, _HEAD_RESHAPE)
+        if attn is not None and attn.op == "call_function" and attn.target in _SDPA:
+            v = _back_through(attn.args[2], _HEAD_RESHAPE)
+            if v in sites:
+                head_dim = int(attn.meta["val"].shape[-1]) if "val" in attn.meta else 0
+                w_v = sites[v].weight_tensor(gm)
+                w_o = consumer.weight_tensor(gm)
+                groups = w_o.shape[1] // w_v.shape[0] if w_v.shape[0] else 1
+                if head_dim == 0 or groups * w_v.shape[0] != w_o.shape[1] or len(v.users) != 1 \
+                        and not _only_value_uses(v, attn):
+                    continue
+                pairs.append(ProducerPair("v_o", sites[v], consumer, head_dim=head_dim, groups=groups))
+    return pairs
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    return node.target in _RELU
+
+
+def _only_value_uses(v: fx.Node, attn: fx.Node) -> bool:
+    ends, _ = _forward_through(v, _HEAD_RESHAPE)
+    return all(e is attn for e in ends)
+
+
+# ---------------------------------------------------------------- decoder layers
+
+_LAYER_PATH = re.compile(r"^(.*?\.)?(\d+)$")
+
+
+def layer_index(node: fx.Node) -> int | None:
+    """Index of the repeated block (decoder layer) a node belongs to, from its module path.
+
+    The block is the outermost module in ``nn_module_stack`` whose path ends in an integer
+    (a child of a ModuleList: ``model.layers.3``, ``model.decoder.layers.3``, ``h.3``).
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        path = str(node.target) if node.op == "call_module" else ""
+        parts = path.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit():
+                return int(p)
+        return None
+    for path, _cls in stack.values():
+        m = _LAYER_PATH.match(path)
+        if m:
+            return int(m.group(2))
+    return None
+
+
+def layer_partition(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Split the graph into ``"prefix"``, ``"layer.<i>"`` ... and ``"suffix"`` node groups.
+
+    Nodes outside every layer belong to the prefix if they come before the first layer node,
+    else to the latest layer seen (so partitions stay in topological order), and to the suffix
+    after the last layer. Placeholders and get_attr nodes are left out.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    idx = [layer_index(n) for n in nodes]
+    known = [i for i in idx if i is not None]
+    if not known:
+        return {"prefix": nodes}
+    last_layer_pos = max(p for p, i in enumerate(idx) if i is not None)
+    parts: dict[str, list[fx.Node]] = {"prefix": []}
+    current = "prefix"
+    for pos, (n, i) in enumerate(zip(nodes, idx)):
+        if i is not None:
+            current = f"layer.{i}"
+        elif pos > last_layer_pos:
+            current = "suffix"
+        parts.setdefault(current, []).append(n)
+    parts.setdefault("suffix", [])
+    _check_partition_order(gm, parts)
+    return parts
+
+
+def _check_partition_order(gm: fx.GraphModule, parts: dict[str, list[fx.Node]]) -> None:
+    """Every data edge must go from an earlier partition to the same or a later one."""
+    order = {name: k for k, name in enumerate(parts)}
+    where = {n: order[name] for name, ns in parts.items() for n in ns}
+    g = to_networkx(gm)
+    for a, b in g.edges:
+        if a in where and b in where and where[a] > where[b]:
+            raise ValueError(f"layer partition is not topological: {a.name} -> {b.name}")
+
+
+def linears_by_layer(gm: fx.GraphModule) -> dict[int | None, list[LinearSite]]:
+    out: dict[int | None, list[LinearSite]] = {}
+    for s in linear_sites(gm):
+        out.setdefault(layer_index(s.node), []).append(s)
+    return out
+
+
+def consumers_of(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    g = to_networkx(gm)
+    out: set[fx.Node] = set()
+    for n in nodes:
+        out |= nx.descendants(g, n)
+    return out
