@@ -76,6 +76,9 @@ class QuantizeLinears(Pass):
     """Round-to-nearest lowering of every float linear (except ``ignore``, default lm_head).
 
     ``overrides`` maps a module pattern (``"re:.*down_proj"``) to scheme fields to change there.
+    Provides ``lowered_linears`` (module -> LinearScheme) and, for passes that compare against
+    the float layer (bias correction), ``float_weights`` (module -> float weight; dropped when
+    ``compile`` returns).
     """
 
     w_bits: int = 8
@@ -88,6 +91,7 @@ class QuantizeLinears(Pass):
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     kind = PassKind.LOWER
+    provides = ("float_weights", "lowered_linears")
 
     def __post_init__(self) -> None:
         self.w_granularity = granularity_from(self.w_granularity)
@@ -125,13 +129,17 @@ class QuantizeLinears(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         stats = ctx.analyses.get("activation_stats", {})
+        float_weights = ctx.analyses.setdefault("float_weights", {})
+        lowered = ctx.analyses.setdefault("lowered_linears", {})
         rows, skipped = [], []
         for site in linear_sites(gm):
             if not self.selected(site.module):
                 skipped.append(site.module)
                 continue
             scheme = self.scheme_for(site.module)
+            float_weights[site.module] = site.weight_tensor(gm).detach()
             rows.append(_lower_linear(gm, site, scheme, stats))
+            lowered[site.module] = scheme
         _drop_unused_weights(gm)
         notes = [f"lowered {len(rows)} linears"]
         if skipped:

@@ -17,6 +17,9 @@ from qcompile.pass_manager import CompileContext, PassManager
 
 __all__ = ["compile"]
 
+# analyses that hold large tensors only passes inside one compile need
+_TRANSIENT_ANALYSES = ("float_weights",)
+
 
 def compile(model: nn.Module, passes: Iterable[Any] = (), *, calibration: Any = None,
             inplace: bool = False, probe: torch.Tensor | None = None,
@@ -43,6 +46,8 @@ def compile(model: nn.Module, passes: Iterable[Any] = (), *, calibration: Any = 
                 return logits_of(g(probe))
     manager.instruments.insert(0, ReportInstrument(report, probe_fn))
     gm = manager.run(gm, ctx)
+    for key in _TRANSIENT_ANALYSES:
+        ctx.analyses.pop(key, None)
     gm.qcompile_report = report
     gm.qcompile_analyses = ctx.analyses
     gm.qcompile_passes = [repr(p) for p in manager.passes]
