@@ -1,0 +1,288 @@
+"""GPTQ: second-order weight rounding with error feedback (Frantar et al., arXiv 2210.17323).
+
+Pure tensor math, no graph code. For a linear y = x W^T and the input Hessian
+H = 2/n sum_t x_t x_t^T, GPTQ rounds the columns of W one at a time (in blocks of
+``block_size``, lazily propagating the block's error to the later columns) and, after each,
+moves the rounding error onto the columns not yet rounded through the upper Cholesky factor
+of H^-1, minimizing the layer error  sum_rows (W - W^) H (W - W^)^T.
+
+QUIK extensions (arXiv 2310.09259): ``keep_last`` trailing columns (after the permutation)
+stay in float -- they are not rounded but still absorb the error feedback -- and
+``clip_search`` picks each row's scale from shrink factors 1.00, 0.99, ... ~0.2 of the
+abs-max by the smallest sum |Q(w) - w|^2.4 over the quantized columns.
+
+Conventions (shared with ``qcompile.formats.quantize_weight``): symmetric levels
+[-2^(b-1), 2^(b-1)-1] with scale = ratio * absmax / (2^(b-1)-1); asymmetric levels [0, 2^b-1]
+with scale = ratio * (max - min) / (2^b - 1), zero = round(-min / scale).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["GPTQResult", "HessianAccumulator", "gptq_quantize", "rtn_quantize", "layer_error",
+           "find_scale", "CLIP_NORM"]
+
+CLIP_NORM = 2.4          # QUIK's exponent of the clipping-search error
+_CLIP_GRID = 100         # shrink factors 1 - i/100 ...
+_CLIP_STEPS = 80         # ... for i < 80: 1.00 down to 0.21
+_MAX_DAMP_TRIES = 6
+
+
+@dataclass
+class GPTQResult:
+    """The rounded layer.
+
+    ``q`` int8 [N, Kq]: integers of the quantized columns ``quant_idx`` (ascending original
+    column indices); ``scale``/``zero`` [N, G] per group of ``group_size`` consecutive entries of
+    ``quant_idx`` (G = 1 per row); ``outlier_idx`` [keep_last] original indices of the float
+    columns (in permuted order) and ``outlier_weight`` [N, keep_last] their updated values;
+    ``weight`` [N, K] the full reconstruction in the original column order; ``perm`` the column
+    order GPTQ used; ``error`` the layer error trace((W - W^) H (W - W^)^T) with the undamped H;
+    ``damp`` the dampening finally added to the diagonal.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int
+    quant_idx: torch.Tensor
+    outlier_idx: torch.Tensor
+    outlier_weight: torch.Tensor
+    weight: torch.Tensor
+    perm: torch.Tensor
+    error: float
+    damp: float
+
+
+class HessianAccumulator:
+    """Running H = 2/n sum_t x_t x_t^T over batches of inputs [..., K] (float32 by default)."""
+
+    def __init__(self, k: int, dtype: torch.dtype = torch.float32):
+        self.h = torch.zeros(k, k, dtype=dtype)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).to(self.h.dtype)
+        m = x2.shape[0]
+        if m == 0:
+            return
+        self.h *= self.n / (self.n + m)
+        self.n += m
+        x2 = x2 * math.sqrt(2.0 / self.n)
+        self.h.addmm_(x2.T, x2)
+
+
+def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """sum over rows of (w - w_hat) H (w - w_hat)^T, in float64."""
+    d = (w.double() - w_hat.double())
+    return float(((d @ h.double()) * d).sum())
+
+
+# ---------------------------------------------------------------- scales
+
+def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+
+
+def _scale_zero(w: torch.Tensor, ratio: torch.Tensor | float, bits: int, symmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of w [..., R, C] for shrink ``ratio`` (broadcast over leading dims)."""
+    lo, hi = _levels(bits, symmetric)
+    if symmetric:
+        scale = (w.abs().amax(dim=-1) * ratio / hi).clamp_min(1e-12)
+        return scale, torch.zeros_like(scale)
+    wmax = w.amax(dim=-1).clamp_min(0) * ratio
+    wmin = w.amin(dim=-1).clamp_max(0) * ratio
+    scale = ((wmax - wmin) / hi).clamp_min(1e-12)
+    return scale, torch.round(-wmin / scale)
+
+
+def _fake(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(w / scale) + zero, lo, hi) - zero) * scale
+
+
+def find_scale(w: torch.Tensor, bits: int, symmetric: bool = True, clip_search: bool = False,
+               norm: float = CLIP_NORM, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of w [R, C]; with ``clip_search`` the shrink of the range (1.00 down
+    to 0.21 in 0.01 steps) minimizing sum |Q(w) - w|^norm is chosen per row."""
+    if not clip_search:
+        return _scale_zero(w, 1.0, bits, symmetric)
+    lo, hi = _levels(bits, symmetric)
+    ratios = 1.0 - torch.arange(_CLIP_STEPS, dtype=w.dtype) / _CLIP_GRID
+    best_err = torch.full((w.shape[0],), float("inf"), dtype=w.dtype)
+    best_ratio = torch.ones(w.shape[0], dtype=w.dtype)
+    for start in range(0, _CLIP_STEPS, chunk):            # vectorized over rows and shrinks
+        r = ratios[start:start + chunk][:, None]          # [S, 1]
+        scale, zero = _scale_zero(w[None], r, bits, symmetric)   # [S, R]
+        err = (_fake(w[None], scale[..., None], zero[..., None], lo, hi) - w[None]).abs_().pow_(norm).sum(-1)
+        val, arg = err.min(dim=0)
+        better = val < best_err
+        best_err = torch.where(better, val, best_err)
+        best_ratio = torch.where(better, r[arg, 0], best_ratio)
+    return _scale_zero(w, best_ratio, bits, symmetric)
+
+
+# ---------------------------------------------------------------- RTN (for comparison)
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = True,
+                 keep_idx: torch.Tensor | None = None, clip_search: bool = False) -> torch.Tensor:
+    """Round-to-nearest reconstruction [N, K] with the same scale rules as ``gptq_quantize``;
+    columns ``keep_idx`` stay float."""
+    w = w.detach().float()
+    n, k = w.shape
+    keep = torch.zeros(k, dtype=torch.bool)
+    if keep_idx is not None and keep_idx.numel():
+        keep[keep_idx] = True
+    cols = torch.nonzero(~keep).flatten()
+    out = w.clone()
+    lo, hi = _levels(bits, symmetric)
+    gs = group_size if 0 < group_size < cols.numel() else cols.numel()
+    for g0 in range(0, cols.numel(), max(gs, 1)):
+        c = cols[g0:g0 + gs]
+        scale, zero = find_scale(w[:, c], bits, symmetric, clip_search)
+        out[:, c] = _fake(w[:, c], scale[:, None], zero[:, None], lo, hi)
+    return out
+
+
+# ---------------------------------------------------------------- GPTQ
+
+def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Dead columns (diag 0) -> unit diagonal and zero weight; dampen; the upper Cholesky factor
+    of H^-1, adding more dampening (with a warning) while H is not positive definite."""
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    if dead.any():
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+    diag_mean = float(torch.diag(h).mean())
+    if not math.isfinite(diag_mean):
+        raise ValueError("the Hessian has non-finite entries: the calibration inputs contain inf/nan")
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    frac = damp
+    for attempt in range(_MAX_DAMP_TRIES):
+        amount = frac * max(diag_mean, 1e-12)
+        chol, info = torch.linalg.cholesky_ex(h + amount * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0 and torch.isfinite(upper).all():
+                if attempt:
+                    warnings.warn(f"GPTQ: the Hessian was not positive definite with dampening "
+                                  f"{damp:g} x mean(diag H); used {frac:g} instead", RuntimeWarning,
+                                  stacklevel=3)
+                return upper, dead, amount
+        last, frac = frac, (frac * 10.0 if frac > 0 else 0.01)
+    raise ValueError(f"GPTQ: the Hessian stays singular even with dampening {last:g} x "
+                     "mean(diag H); check the calibration inputs")
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 0,
+                  symmetric: bool = True, act_order: bool = False, block_size: int = 128,
+                  damp: float = 0.01, keep_last: int = 0, clip_search: bool = False,
+                  perm: torch.Tensor | None = None) -> GPTQResult:
+    """GPTQ-round ``w`` [N, K] against the Hessian ``h`` [K, K] (float32 or float64: the work
+    runs in h's dtype).
+
+    ``perm``: the column order to process (default identity; ``act_order`` sorts by descending
+    diag H); the last ``keep_last`` columns of that order are kept in float. Scales: per row
+    (``group_size`` 0) or per ``group_size`` consecutive quantized columns, computed from the
+    current (error-updated) weights when each group is reached if the processing order is the
+    natural one, else up front from the original weights (GPTQ's "static groups").
+    """
+    if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"gptq_quantize: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} "
+                         "do not match (H must be [K, K] for W [N, K])")
+    n, k = w.shape
+    if not 0 <= keep_last <= k:
+        raise ValueError(f"keep_last={keep_last} must be between 0 and the width {k}")
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    h = h.to(dtype)
+    wf = w.detach().to(dtype).clone()
+    kq = k - keep_last
+    if perm is None:
+        perm = torch.arange(k)
+        if act_order:
+            order = torch.argsort(torch.diag(h)[:kq], descending=True, stable=True)
+            perm = torch.cat([order, torch.arange(kq, k)])
+    else:
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if perm.numel() != k or not torch.equal(torch.sort(perm).values, torch.arange(k)):
+            raise ValueError(f"perm must be a permutation of range({k})")
+    dead = torch.diag(h) == 0
+    wf[:, dead] = 0.0
+    upper, _, damp_amount = _prepare_hessian(h[perm][:, perm], wf[:, perm], damp)
+
+    quant_idx = torch.sort(perm[:kq]).values
+    natural = torch.equal(perm[:kq], quant_idx)
+    gs = group_size if 0 < group_size < kq else 0
+    lo, hi = _levels(bits, symmetric)
+    n_groups = 1 if gs == 0 else -(-kq // gs)
+    scale = torch.zeros(n, n_groups, dtype=dtype)
+    zero = torch.zeros(n, n_groups, dtype=dtype)
+    # group of each quantized column, by its position in quant_idx (ascending original order)
+    group_of = torch.zeros(k, dtype=torch.long)
+    group_of[quant_idx] = (torch.arange(kq) // gs) if gs else 0
+    if gs == 0 and kq:
+        s, z = find_scale(wf[:, quant_idx], bits, symmetric, clip_search)
+        scale[:, 0], zero[:, 0] = s, z
+    elif gs and not natural:
+        for g in range(n_groups):
+            c = quant_idx[g * gs:(g + 1) * gs]
+            scale[:, g], zero[:, g] = find_scale(wf[:, c], bits, symmetric, clip_search)
+    dynamic_groups = bool(gs) and natural
+    if dynamic_groups:
+        block_size = gs * max(1, block_size // gs)   # every group lies inside one block
+
+    wp = wf[:, perm].contiguous()
+    gp = group_of[perm]
+    qp = torch.zeros(n, kq, dtype=dtype)
+    for i1 in range(0, kq, block_size):
+        i2 = min(i1 + block_size, k)
+        iq = min(i1 + block_size, kq)                  # columns of this block that get rounded
+        w1 = wp[:, i1:i2].clone()
+        hinv1 = upper[i1:i2, i1:i2]
+        err1 = torch.zeros(n, iq - i1, dtype=dtype)
+        for i in range(iq - i1):
+            col = i1 + i
+            g = int(gp[col])
+            if dynamic_groups and (col % gs == 0):
+                s, z = find_scale(w1[:, i:i + gs], bits, symmetric, clip_search)
+                scale[:, g], zero[:, g] = s, z
+            wc = w1[:, i]
+            sc, zc = scale[:, g], zero[:, g]
+            qi = torch.clamp(torch.round(wc / sc) + zc, lo, hi)
+            qp[:, col] = qi
+            err = (wc - (qi - zc) * sc) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        wp[:, i1:i2] = w1
+        if i2 < k:
+            wp[:, i2:] -= err1 @ upper[i1:iq, i2:]
+
+    # back to the original column order
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(k)
+    q_orig = torch.zeros(n, k, dtype=dtype)
+    q_orig[:, perm[:kq]] = qp
+    q = q_orig[:, quant_idx]
+    g_cols = group_of[quant_idx]
+    deq = (q - zero[:, g_cols]) * scale[:, g_cols]
+    outlier_idx = perm[kq:].clone()
+    recon = torch.zeros(n, k, dtype=dtype)
+    recon[:, quant_idx] = deq
+    recon[:, outlier_idx] = wp[:, kq:]
+    recon[:, dead] = 0.0
+    int_dtype = torch.int8 if (symmetric or bits < 8) else torch.uint8
+    return GPTQResult(
+        q=q.to(int_dtype), scale=scale.float(), zero=None if symmetric else zero.float(), bits=bits,
+        group_size=gs, quant_idx=quant_idx, outlier_idx=outlier_idx,
+        outlier_weight=wp[:, kq:].float().clone(), weight=recon.to(w.dtype), perm=perm,
+        error=layer_error(w, recon, h), damp=damp_amount)

@@ -1,0 +1,141 @@
+"""GPTQ math against an independent, column-by-column OBS-style implementation."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from qcompile.formats import PerGroup, PerRow, quantize_weight
+from qcompile.gptq_math import (HessianAccumulator, find_scale, gptq_quantize, layer_error,
+                                rtn_quantize)
+
+
+def _layer(n=24, k=40, tokens=400, seed=0, outlier_channels=()):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    # correlated inputs with uneven channel scales, like real activations
+    mix = torch.randn(k, k, generator=gen, dtype=torch.float64) * 0.3 + torch.eye(k, dtype=torch.float64)
+    x = torch.randn(tokens, k, generator=gen, dtype=torch.float64) @ mix
+    x *= torch.rand(k, generator=gen, dtype=torch.float64) + 0.2
+    for c in outlier_channels:
+        x[:, c] *= 20
+    acc = HessianAccumulator(k, torch.float64)
+    for part in x.split(97):
+        acc.add(part)
+    return w, x, acc.h
+
+
+def _naive_gptq(w, h, bits, scale, keep=(), damp=0.01, order=None):
+    """Optimal Brain Surgeon with a fixed order: round one column, spread its error over all
+    remaining columns with the full inverse Hessian, then eliminate that column from H^-1."""
+    w = w.clone()
+    k = w.shape[1]
+    h = h.clone() + damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    order = list(range(k)) if order is None else list(order)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = torch.zeros_like(w)
+    for c in order:
+        if c in keep:
+            continue
+        qc = torch.clamp(torch.round(w[:, c] / scale), lo, hi)
+        q[:, c] = qc
+        err = (w[:, c] - qc * scale) / hinv[c, c]
+        w -= err[:, None] * hinv[c][None, :]
+        w[:, c] = qc * scale
+        hinv = hinv - hinv[:, c:c + 1] @ hinv[c:c + 1, :] / hinv[c, c]
+    return q, w
+
+
+def test_hessian_accumulator_matches_batch_formula():
+    w, x, h = _layer()
+    ref = 2.0 / x.shape[0] * x.T @ x
+    assert torch.allclose(h, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block_size", [128, 7])
+def test_gptq_matches_column_by_column_reference(block_size):
+    w, x, h = _layer()
+    res = gptq_quantize(w, h, bits=4, block_size=block_size)
+    scale = find_scale(w, 4)[0]
+    q_ref, w_ref = _naive_gptq(w, h, 4, scale)
+    same = (res.q.double() == q_ref).float().mean()
+    assert same > 0.995  # float order differs; ties may round differently
+    e, e_ref = res.error, layer_error(w, w_ref, h)
+    assert abs(e - e_ref) / e_ref < 0.01
+
+
+def test_gptq_keep_last_and_perm_match_reference():
+    w, x, h = _layer(outlier_channels=(3, 17, 30))
+    perm_first = [c for c in range(40) if c not in (3, 17, 30)]
+    perm = torch.tensor(perm_first + [3, 17, 30])
+    res = gptq_quantize(w, h, bits=4, keep_last=3, perm=perm, block_size=16)
+    assert res.outlier_idx.tolist() == [3, 17, 30]
+    assert res.quant_idx.tolist() == perm_first
+    scale = find_scale(w[:, res.quant_idx], 4)[0]
+    q_ref, w_ref = _naive_gptq(w, h, 4, scale, keep=(3, 17, 30), order=perm.tolist())
+    assert (res.q.double() == q_ref[:, res.quant_idx]).float().mean() > 0.995
+    # the outlier columns absorbed error feedback: they moved, and match the reference
+    assert not torch.allclose(res.outlier_weight.double(), w[:, [3, 17, 30]])
+    assert torch.allclose(res.outlier_weight.double(), w_ref[:, [3, 17, 30]], atol=1e-3)
+    assert abs(res.error - layer_error(w, w_ref, h)) / layer_error(w, w_ref, h) < 0.01
+
+
+@pytest.mark.parametrize("group_size,act_order,symmetric", [(0, False, True), (16, False, True),
+                                                            (0, True, True), (16, True, False),
+                                                            (16, False, False)])
+def test_gptq_beats_rtn(group_size, act_order, symmetric):
+    w, x, h = _layer(n=32, k=64, seed=1)
+    res = gptq_quantize(w.float(), h.float(), bits=4, group_size=group_size, act_order=act_order,
+                        symmetric=symmetric)
+    rtn = rtn_quantize(w, 4, group_size, symmetric)
+    assert res.error < 0.8 * layer_error(w, rtn, h)
+    # the integers and scales reproduce the reconstruction exactly
+    g = res.group_size
+    cols = torch.arange(res.q.shape[1]) // g if g else torch.zeros(res.q.shape[1], dtype=torch.long)
+    zero = res.zero[:, cols] if res.zero is not None else 0.0
+    deq = (res.q.float() - zero) * res.scale[:, cols]
+    assert torch.allclose(deq, res.weight[:, res.quant_idx].float(), atol=1e-5)
+
+
+def test_rtn_matches_formats_quantizer():
+    w = torch.randn(8, 48)
+    for gran, gs in ((PerRow(), 0), (PerGroup(16), 16)):
+        ref = quantize_weight(w, 4, gran, True).dequantize()
+        assert torch.allclose(rtn_quantize(w, 4, gs, True), ref, atol=1e-6)
+
+
+def test_clip_search_lowers_p_norm_error():
+    w = torch.randn(16, 64)
+    w[:, 0] *= 8  # a large weight that clipping should sacrifice
+    s_full, _ = find_scale(w, 4)
+    s_clip, _ = find_scale(w, 4, clip_search=True)
+    assert (s_clip <= s_full + 1e-7).all() and (s_clip < s_full).any()
+    assert (s_clip >= 0.2 * s_full).all()
+    err = lambda s: (torch.clamp(torch.round(w / s[:, None]), -8, 7) * s[:, None] - w).abs().pow(2.4).sum()
+    assert err(s_clip) < err(s_full)
+
+
+def test_dead_columns_and_singular_hessian():
+    w, x, h = _layer(k=24, n=8)
+    h[5, :] = 0
+    h[:, 5] = 0
+    res = gptq_quantize(w, h, bits=4)
+    assert (res.weight[:, 5] == 0).all()
+    # rank-1 Hessian and no dampening: must warn and add damping, not crash
+    x1 = torch.randn(1, 24, dtype=torch.float64)
+    h1 = x1.T @ x1
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        res = gptq_quantize(w, h1, bits=4, damp=0.0)
+    assert torch.isfinite(res.weight).all()
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="do not match"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(7), 4)
+    with pytest.raises(ValueError, match="keep_last"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(8), 4, keep_last=9)
+    with pytest.raises(ValueError, match="permutation"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(8), 4, perm=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))
