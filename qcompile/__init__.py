@@ -8,6 +8,7 @@ from qcompile import calibrate, data, evaluate, formats, graph_query, models  # 
 from qcompile.compiler import compile
 from qcompile.frontend import TraceError, trace
 from qcompile.instruments import CompileReport
+from qcompile.serialize import SerializationError, load, save
 from qcompile.pass_manager import (CompileContext, Pass, PassError, PassKind, PassManager, PassResult,
                                    PipelineError, function_pass, get_pass, register_pass,
                                    registered_passes)
@@ -15,7 +16,7 @@ from qcompile.pass_manager import (CompileContext, Pass, PassError, PassKind, Pa
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "trace", "TraceError", "CompileReport", "CompileContext", "Pass", "PassError",
+    "compile", "trace", "save", "load", "SerializationError", "TraceError", "CompileReport", "CompileContext", "Pass", "PassError",
     "PassKind", "PassManager", "PassResult", "PipelineError", "function_pass", "get_pass",
     "register_pass", "registered_passes", "calibrate", "data", "evaluate", "formats",
     "graph_query", "models",

@@ -89,6 +89,12 @@ def _plain_calling_convention(gm: fx.GraphModule) -> None:
                 raise TraceError(f"trace: exported graph has an unexpected tensor input {node.name!r}.")
             node.replace_all_uses_with(value)  # a constant (use_cache=False) baked into the graph
             graph.erase_node(node)
+    # export's input guard module re-checks the pytree signature we replace; drop it
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
     graph._codegen = fx.graph.CodeGen()
     output.args = (logits,)
     # export's hooks check calls against the pytree signature we just replaced
