@@ -260,6 +260,7 @@ class CompileReport:
         d = r.diff
         lines = [f"{head}: nodes +{len(d.added)} -{len(d.removed)} ~{len(d.retargeted)}, "
                  f"tensors +{len(d.tensors_added)} -{len(d.tensors_removed)} ~{len(d.tensors_changed)}"]
+        lines += [f"  note: {n}" for n in r.notes]
         if style == "code":
             lines += d.text_diff
         else:
@@ -269,7 +270,6 @@ class CompileReport:
             for k, a, b in d.tensors_changed:
                 lines.append(f"  ~ {k}: {b.dtype}{list(b.shape)} norm {a.norm:.4g} -> {b.norm:.4g}, "
                              f"absmax {a.absmax:.4g} -> {b.absmax:.4g}")
-        lines += [f"  note: {n}" for n in r.notes]
         lines += self._table_lines(r)
         if len(lines) > max_lines:
             lines = lines[:max_lines] + [f"  ... {len(lines) - max_lines} more lines "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Sequence
@@ -194,9 +195,14 @@ def get_pass(name: str, **params: Any) -> Pass:
         if params:
             raise PipelineError(f"pass {name!r} is a function pass and takes no parameters")
         return obj
+    allowed = [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
+    unknown = [k for k in params if k not in allowed]
+    if unknown:
+        raise PipelineError(f"bad parameters for pass {name!r}: unknown {', '.join(map(repr, unknown))}; "
+                            f"allowed: {', '.join(allowed) or 'none'}")
     try:
         return obj(**params)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise PipelineError(f"bad parameters for pass {name!r}: {err}") from err
 
 

@@ -1,0 +1,55 @@
+"""The built-in recipes (a declarative table; each step is a registered pass and its params)."""
+
+from __future__ import annotations
+
+from qcompile.pass_manager import PipelineError
+from qcompile.recipes import Recipe, register_recipe
+
+_LM_HEAD = ["re:(.*\\.)?lm_head"]
+
+_TABLE: list[tuple[str, str, list[dict]]] = [
+    ("rtn-w8a8", "round-to-nearest int8 weights (per row) and int8 activations (per token)",
+     [{"pass": "activation_stats"}, {"pass": "quantize_linears", "w_bits": 8, "a_bits": 8}]),
+    ("rtn-w4a16", "round-to-nearest 4-bit weights per row, 16-bit activations",
+     [{"pass": "quantize_linears", "w_bits": 4, "a_bits": None}]),
+    ("rtn-w4a16-g128", "round-to-nearest 4-bit weights in groups of 128",
+     [{"pass": "quantize_linears", "w_bits": 4, "a_bits": None, "w_granularity": {"PerGroup": 128}}]),
+    ("smoothquant-w8a8", "SmoothQuant (alpha 0.5) scales folded into norms, then W8A8",
+     [{"pass": "activation_stats"}, {"pass": "equalize", "method": "smoothquant", "alpha": 0.5},
+      {"pass": "quantize_linears", "w_bits": 8, "a_bits": 8}]),
+    ("aweq-w8a8", "AWEQ equalization, W8A8, bias error correction",
+     [{"pass": "activation_stats"}, {"pass": "equalize", "method": "aweq"},
+      {"pass": "quantize_linears", "w_bits": 8, "a_bits": 8}, {"pass": "bias_correction"}]),
+    ("aweq-w4a16", "AWEQ equalization, 4-bit weights per row, bias error correction",
+     [{"pass": "activation_stats"}, {"pass": "equalize", "method": "aweq"},
+      {"pass": "quantize_linears", "w_bits": 4, "a_bits": None}, {"pass": "bias_correction"}]),
+    ("aweq-w3a16", "AWEQ equalization, 3-bit weights in groups of 128, bias error correction",
+     [{"pass": "activation_stats"}, {"pass": "equalize", "method": "aweq"},
+      {"pass": "quantize_linears", "w_bits": 3, "a_bits": None, "w_granularity": {"PerGroup": 128}},
+      {"pass": "bias_correction"}]),
+    ("gptq-w4a16", "GPTQ 4-bit weights per row",
+     [{"pass": "gptq", "w_bits": 4}, {"pass": "quantize_linears", "w_bits": 4, "a_bits": None}]),
+    ("quik-w4a4", "QUIK-4B: 32 fp16 outlier channels, GPTQ with clipping, W4A4, W8A8 down_proj",
+     [{"pass": "activation_stats"}, {"pass": "select_outliers", "k": 32}, {"pass": "reorder_outliers"},
+      {"pass": "gptq", "w_bits": 4, "outliers": "keep_fp16", "clip": True},
+      {"pass": "quantize_linears", "w_bits": 4, "a_bits": 4, "outliers": True,
+       "overrides": {"re:.*down_proj": {"w_bits": 8, "a_bits": 8}}}]),
+    ("quik-w8a8", "QUIK-8B: W8A8 with 32 fp16 outlier channels",
+     [{"pass": "activation_stats"}, {"pass": "select_outliers", "k": 32}, {"pass": "reorder_outliers"},
+      {"pass": "quantize_linears", "w_bits": 8, "a_bits": 8, "outliers": True}]),
+]
+
+
+def _available(recipe: Recipe) -> bool:
+    """Offer a recipe only if every pass and parameter it names exists in this build."""
+    try:
+        recipe.passes()
+    except PipelineError:
+        return False
+    return True
+
+
+for _name, _desc, _steps in _TABLE:
+    _recipe = Recipe(_name, tuple(_steps), _desc)
+    if _available(_recipe):
+        register_recipe(_recipe)
