@@ -28,6 +28,8 @@ from torch import nn
 __all__ = ["save", "load", "SerializationError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
+# small, JSON-able analyses kept with the model (for `qcompile report`)
+_SAVED_ANALYSES = ("layer_report", "activation_profiles")
 MANIFEST = "qcompile.json"
 TENSORS = "tensors.safetensors"
 
@@ -213,8 +215,13 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
         manifest = {"format": "qcompile", "version": FORMAT_VERSION, "graph": graph_json, "tensors": entries,
                     "files": files, "source": _jsonable(source),
                     "passes": list(getattr(gm, "qcompile_passes", [])),
+                    "recipe": _jsonable(gm.meta.get("qcompile_recipe")),
+                    "model_ref": gm.meta.get("qcompile_model_ref"),
+                    "analyses": {k: _jsonable(v) for k, v in getattr(gm, "qcompile_analyses", {}).items()
+                                 if k in _SAVED_ANALYSES},
                     "report": str(getattr(gm, "qcompile_report", ""))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _normal_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -222,6 +229,14 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp makes a private directory; give the result the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -283,6 +298,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> fx.GraphModule
     gm.meta["qcompile_source"] = manifest.get("source", {})
     gm.qcompile_passes = manifest.get("passes", [])
     gm.qcompile_saved_report = manifest.get("report", "")
+    gm.qcompile_analyses = manifest.get("analyses", {})
+    gm.meta["qcompile_recipe"] = manifest.get("recipe")
+    gm.meta["qcompile_model_ref"] = manifest.get("model_ref")
     return gm
 
 

@@ -1,0 +1,323 @@
+"""The ``qcompile`` command line: compile, eval, diff, report, generate, bench, recipes.
+
+Every failure prints one clear message and exits non-zero; nothing partial is written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid.txt"
+DEFAULT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_test.txt"
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------- helpers
+
+def _load_model(ref: str):
+    import qcompile
+    try:
+        return qcompile.models.load(ref)
+    except qcompile.models.ModelLoadError as err:
+        raise CLIError(str(err)) from err
+
+
+def _text(path: str | None, default: Path, what: str) -> str:
+    import qcompile
+    p = Path(path) if path else default
+    try:
+        return qcompile.data.load_text(p)
+    except qcompile.data.DataError as err:
+        raise CLIError(f"{what}: {err}" + ("" if path else f" (pass --{what.split()[0]} FILE)")) from err
+
+
+def _recipe(name: str):
+    from qcompile import recipes
+    try:
+        r = recipes.get(name)
+        r.passes()
+        return r
+    except recipes.RecipeError as err:
+        raise CLIError(str(err)) from err
+
+
+def _calibration(args, tokenizer, text: str):
+    import qcompile
+    try:
+        return qcompile.data.calibration_windows(tokenizer, text, n=args.calib_windows,
+                                                 seq_len=args.calib_len, seed=args.seed)
+    except qcompile.data.DataError as err:
+        raise CLIError(f"calibration: {err}") from err
+
+
+def _compile(args, with_report: bool):
+    import qcompile
+    from qcompile.passes import LayerReport
+
+    recipe = _recipe(args.recipe)
+    text = _text(args.calib, DEFAULT_CALIB, "calib file")  # fail fast, before loading the model
+    model, tok = _load_model(args.model)
+    calib = _calibration(args, tok, text)
+    passes = recipe.passes()
+    lowered = any(p.kind.value == "lower" for p in passes)
+    if with_report and lowered:
+        passes.append(LayerReport())
+    t0 = time.perf_counter()
+    try:
+        gm = qcompile.compile(model, passes=passes, calibration=calib, probe=calib[:1, :64])
+    except MemoryError as err:
+        raise CLIError(f"out of memory while compiling: lower --calib-windows / --calib-len "
+                       f"(now {args.calib_windows} x {args.calib_len})") from err
+    except (qcompile.PassError, qcompile.PipelineError, qcompile.TraceError) as err:
+        raise CLIError(str(err)) from err
+    gm.meta["qcompile_recipe"] = recipe.to_dict()
+    gm.meta["qcompile_model_ref"] = args.model
+    return gm, model, tok, time.perf_counter() - t0
+
+
+def _report_table(rows: list[dict[str, Any]]) -> str:
+    from tabulate import tabulate
+    cols = ["module", "scheme", "outliers", "weight SQNR dB", "output SQNR dB", "GPTQ error"]
+    return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".2f")
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_compile(args) -> None:
+    import qcompile
+    out = Path(args.out) if args.out else None
+    if out and out.exists() and not args.force:
+        raise CLIError(f"{out} already exists; pass --force to replace it")
+    gm, _, tok, seconds = _compile(args, with_report=True)
+    print(gm.qcompile_report)
+    print(f"\ncompiled {args.model} with {args.recipe} in {seconds:.1f}s")
+    if out:
+        import torch
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.float_dtype]
+        try:
+            qcompile.save(gm, out, tokenizer=tok, float_dtype=dtype, overwrite=args.force)
+        except qcompile.SerializationError as err:
+            raise CLIError(str(err)) from err
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"saved to {out} ({size / 2**20:.1f} MiB)")
+
+
+def _load_compiled(path: str):
+    import qcompile
+    try:
+        return qcompile.load(path)
+    except qcompile.SerializationError as err:
+        raise CLIError(str(err)) from err
+
+
+def _tokenizer_of(path: Path):
+    from transformers import AutoTokenizer
+    if not (path / "tokenizer").is_dir():
+        raise CLIError(f"{path} has no tokenizer; compile with `qcompile compile ... --out DIR`")
+    return AutoTokenizer.from_pretrained(path / "tokenizer")
+
+
+def cmd_eval(args) -> None:
+    import qcompile
+    from tabulate import tabulate
+
+    text = _text(args.data, DEFAULT_TEST, "data file")
+    target = Path(args.model)
+    models: list[tuple[str, Any]] = []
+    if target.is_dir() and (target / "qcompile.json").is_file():
+        gm = _load_compiled(args.model)
+        tok = _tokenizer_of(target)
+        ref = gm.meta.get("qcompile_model_ref")
+        if ref and not args.no_float:
+            try:
+                models.append((f"float ({ref})", qcompile.models.load(ref)[0]))
+            except qcompile.models.ModelLoadError:
+                pass
+        recipe = (gm.meta.get("qcompile_recipe") or {}).get("name", "compiled")
+        models.append((f"{recipe} ({target.name})", gm))
+    else:
+        model, tok = _load_model(args.model)
+        models.append((f"float ({args.model})", model))
+    rows = []
+    for name, m in models:
+        t0 = time.perf_counter()
+        try:
+            ppl = qcompile.evaluate.perplexity(m, tok, text, seq_len=args.seq_len, max_windows=args.windows)
+        except qcompile.data.DataError as err:
+            raise CLIError(str(err)) from err
+        rows.append([name, f"{ppl:.3f}", f"{time.perf_counter() - t0:.1f}"])
+    print(tabulate(rows, headers=["model", f"perplexity ({args.windows or 'all'} x {args.seq_len})", "time s"]))
+
+
+def cmd_diff(args) -> None:
+    gm, *_ = _compile(args, with_report=False)
+    report = gm.qcompile_report
+    print(report, "\n")
+    if args.pass_name:
+        try:
+            print(report.diff(args.pass_name, style=args.style, max_lines=args.max_lines))
+        except KeyError as err:
+            raise CLIError(str(err).strip("'\"")) from err
+    else:
+        print(report.diffs(style=args.style, max_lines=args.max_lines))
+
+
+def cmd_report(args) -> None:
+    from qcompile.plots import plot_activation_profiles, plot_layer_error
+
+    gm = _load_compiled(args.dir)
+    analyses = getattr(gm, "qcompile_analyses", {})
+    rows = analyses.get("layer_report")
+    if not rows:
+        raise CLIError(f"{args.dir} has no per-layer report; compile it with `qcompile compile --out`")
+    print(_report_table(rows))
+    out = Path(args.out or args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = (gm.meta.get("qcompile_recipe") or {}).get("name", "")
+    p1 = plot_layer_error(rows, out / "layer_error.png", f"Per-layer output SQNR, {recipe}")
+    print(f"\nwrote {p1}")
+    profiles = analyses.get("activation_profiles")
+    if profiles:
+        p2 = plot_activation_profiles(profiles, out / "activation_profile.png")
+        print(f"wrote {p2}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from qcompile.eager import eager_from_saved
+
+    gm = _load_compiled(args.dir)
+    tok = _tokenizer_of(Path(args.dir))
+    try:
+        model = eager_from_saved(gm)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    prompt = args.prompt
+    if args.chat and getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             temperature=args.temperature if args.sample else None,
+                             top_p=args.top_p if args.sample else None, pad_token_id=tok.eos_token_id)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def cmd_bench(args) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        print("qcompile bench: no CUDA device here; the kernel benchmarks (bench/kernels.py) need a GPU. "
+              "Accuracy benchmarks run on CPU: python bench/accuracy_aweq.py / bench/accuracy_quik.py")
+        return
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    if not script.is_file():
+        raise CLIError(f"{script} not found (bench/ ships with the repository, not the wheel)")
+    raise SystemExit(subprocess.call([sys.executable, str(script), *args.rest]))
+
+
+def cmd_recipes(args) -> None:
+    from qcompile import recipes
+    if args.name:
+        r = _recipe(args.name)
+        print(r.to_yaml() if args.format == "yaml" else r.to_json())
+        return
+    for name in recipes.names():
+        print(f"{name:18s} {recipes.get(name).description}")
+
+
+# ---------------------------------------------------------------- parser
+
+def _add_compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF checkpoint dir, .gguf file, or built-in name (smollm2-135m)")
+    p.add_argument("--recipe", default="rtn-w8a8", help="built-in recipe name or a .json/.yaml recipe file")
+    p.add_argument("--calib", help=f"calibration text file (default {DEFAULT_CALIB})")
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qcompile", description="Quantizing compiler for LLMs on torch.fx")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="quantize a model with a recipe and save it")
+    _add_compile_args(p)
+    p.add_argument("--out", help="directory to save the compiled model to")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--float-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="storage of unquantized tensors (embeddings, norms, lm_head, outliers)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("eval", help="WikiText-style perplexity, side by side with the float model")
+    p.add_argument("model", help="saved compiled dir, or a model (HF dir, .gguf, built-in name)")
+    p.add_argument("--data", help=f"evaluation text (default {DEFAULT_TEST})")
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--no-float", action="store_true", help="skip the float model")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diff", help="per-pass graph diffs of a recipe")
+    _add_compile_args(p)
+    p.add_argument("--pass", dest="pass_name", help="only this pass")
+    p.add_argument("--style", choices=["summary", "code"], default="summary")
+    p.add_argument("--max-lines", type=int, default=60)
+    p.set_defaults(func=cmd_diff, calib_windows=2, calib_len=256)
+
+    p = sub.add_parser("report", help="per-layer table and PNG plots of a saved compiled model")
+    p.add_argument("dir")
+    p.add_argument("--out", help="where to write the PNGs (default: DIR)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("generate", help="generate text with a saved compiled model (KV cache)")
+    p.add_argument("dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="kernel benchmarks (needs a GPU)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("recipes", help="list recipes, or print one as YAML/JSON to edit")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.set_defaults(func=cmd_recipes)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except CLIError as err:
+        print(f"qcompile {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qcompile {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
