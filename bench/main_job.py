@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 import subprocess
 import time
@@ -17,6 +18,7 @@ import torch
 from tabulate import tabulate
 
 import qcompile
+import qcompile.progress
 from qcompile.passes import ActivationStats, QuantizeLinears
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,14 +53,20 @@ def main() -> None:
     print(gm.qcompile_report.diff("QuantizeLinears", max_lines=12), "\n")
 
     test = qcompile.data.load_text(data / "wikitext2_test.txt")
-    rows = []
-    for name, m in [("FP32", model), ("RTN W8A8 (per-channel weights, per-token activations)", gm)]:
-        t0 = time.perf_counter()
-        ppl = qcompile.evaluate.perplexity(m, tok, test, max_windows=args.windows)
-        rows.append([name, f"{ppl:.2f}", f"{time.perf_counter() - t0:.1f}"])
-    rows[1].append(f"{float(rows[1][2]) / float(rows[0][2]):.2f}x")
-    rows[0].append("1.00x")
-    print(f"WikiText-2 test, {args.windows} x 2048 tokens; {platform.processor() or platform.machine()}, "
+    windows = qcompile.data.evaluation_windows(tok, test, 2048, args.windows)
+    models = {"FP32": model, "RTN W8A8 (per-channel weights, per-token activations)": gm}
+    nll = {name: [] for name in models}
+    seconds = {name: 0.0 for name in models}
+    # side by side: the two models alternate window by window, so load on the machine hits both alike
+    for i in qcompile.progress.progress(range(windows.shape[0]), "perplexity", total=windows.shape[0]):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            nll[name].append(qcompile.evaluate.window_nlls(m, windows[i:i + 1], desc=None))
+            seconds[name] += time.perf_counter() - t0
+    base = seconds["FP32"]
+    rows = [[name, f"{math.exp(float(torch.cat(v).mean())):.2f}", f"{seconds[name]:.1f}",
+             f"{seconds[name] / base:.2f}x"] for name, v in nll.items()]
+    print(f"WikiText-2 test, {windows.shape[0]} x 2048 tokens; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; {datetime.date.today()}; commit {git_commit()}")
     print(tabulate(rows, headers=["model", "perplexity", "eval time s", "time vs FP32"]))
     print("\nFull accuracy tables: bench/ACCURACY.md (bench/accuracy_*.py); kernels: bench/RESULTS.md.")

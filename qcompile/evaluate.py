@@ -26,13 +26,14 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def window_nlls(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> torch.Tensor:
-    """Mean next-token NLL of each window [n] (float64)."""
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 1, desc: str | None = "perplexity"
+                ) -> torch.Tensor:
+    """Mean next-token NLL of each window [n] (float64); ``desc=None`` shows no progress bar."""
     if hasattr(model, "eval"):
         model.eval()  # a compiled GraphModule has no dropout, but an eager model may
     out = []
     batches = range(0, windows.shape[0], batch_size)
-    for start in progress(batches, desc, total=len(batches)):
+    for start in (progress(batches, desc, total=len(batches)) if desc else batches):
         ids = windows[start:start + batch_size]
         logits = logits_of(model(input_ids=ids)).float()
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),

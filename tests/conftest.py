@@ -3,6 +3,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/models_for_tests.py
 os.environ.setdefault("QCOMPILE_PROGRESS", "0")
+# Triton kernels run under the interpreter on CPU; it must be chosen before triton is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
