@@ -6,16 +6,24 @@ y = acc * s_x[m] * s_w[n] + bias[n], written in the activation's dtype.
 On CPU the exact int32 accumulator comes from float32 GEMMs over K-chunks short enough that
 every partial sum stays below 2^24 (|qx * qw| <= 128 * 128, so 1024 columns per chunk), which
 is exact and as fast as a float GEMM (``torch._int_mm`` on CPU is ~25x slower).
+
+The Triton kernel ``_w8a8_gemm_kernel`` computes the same int32 accumulator with an int8 ``tl.dot``
+(wgmma on Hopper for BLOCK_M >= 64), then the epilogue in float32 in the reference's order,
+``(acc * s_x[m]) * s_w[n] + bias[n]``. Decode shapes (M <= 16) use BLOCK_M = 16 tiles and split K
+over a second grid axis; the int32 partials are summed exactly by ``_splitk_reduce_kernel``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from qcompile.kernels.quantize_activations import (quantize_per_tensor_reference,
+from qcompile.kernels.quantize_activations import (quantize_activations_triton,
+                                                   quantize_per_tensor_reference,
                                                    quantize_per_token_reference)
 
-__all__ = ["int_matmul_reference", "w8a8_linear_reference"]
+__all__ = ["int_matmul_reference", "w8a8_linear_reference", "int8_gemm_triton", "w8a8_linear_triton"]
 
 _F32_EXACT = 2 ** 24
 
@@ -63,3 +71,227 @@ def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton. Importing this module never imports triton: ``_load_triton`` imports it and applies
+# ``triton.jit``/``triton.autotune`` on the first launch (TRITON_INTERPRET is read then).
+triton = tl = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _m_bucket(m: int) -> int:
+    """Autotuning key for M: decode (<= 16), then powers of 4 up to 4096 (no re-tune per M)."""
+    for b in (16, 64, 256, 1024):
+        if m <= b:
+            return b
+    return 4096
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Hopper's int8 wgmma needs
+# num_warps % 4 == 0, BLOCK_M % 64 == 0 and BLOCK_K >= 32; the BLOCK_M = 16 rows are the
+# decode (M <= 16) configs, which run as mma.sync tiles with split-K for parallelism.
+_W8A8_CONFIGS = [
+    (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 64, 8, 4, 4),
+    (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
+    (16, 64, 256, 1, 4, 4), (16, 128, 128, 1, 4, 4), (16, 32, 256, 1, 4, 4),
+]
+
+
+def _prune_w8a8(configs, named_args, **kwargs):
+    """Keep the few configs whose tile suits the M bucket (no autotuning storm); one when interpreting."""
+    m_bucket = named_args["M_BUCKET"]
+    want_m = 16 if m_bucket <= 16 else (64 if m_bucket <= 64 else None)
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == want_m if want_m
+                                   else c.kwargs["BLOCK_M"] >= 64 and c.kwargs["BLOCK_N"] >= 128)]
+    if m_bucket <= 256:
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 128] or kept
+    return kept[:1] if _interpreting() else kept
+
+
+# acc[m, n] = sum_k a[m, k] * b[n, k] (int32, exact). SPLIT_K == 1: y = acc * sa[m] * sb[n] + bias[n]
+# stored in out's dtype (or acc itself when not EPILOGUE). SPLIT_K > 1: each pid_k sums its share
+# of K and stores the int32 partial to ws[pid_k]; ``_splitk_reduce_kernel`` finishes.
+def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, M_BUCKET,
+                      stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+                      HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n  # grouped order: GROUP_M row tiles share each B tile in L2
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    rm = offs_m % M  # wrapped rows and columns: loads need no M/N mask, stores are masked
+    rn = offs_n % N
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (k_begin + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + (k_begin + offs_k)[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(k_begin, k_end, BLOCK_K):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_end - k, other=0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_end - k, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K > 1:
+        ws = ws_ptr + pid_k * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws, acc, mask=mask)
+    else:
+        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        if EPILOGUE:
+            sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
+            sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
+            y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out, acc, mask=mask)
+
+
+# Sums the SPLIT_K int32 partials (exact, deterministic) and applies the same epilogue.
+def _splitk_reduce_kernel(ws_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+                          HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ws + s * M * N, mask=mask, other=0)
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    if EPILOGUE:
+        sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
+        sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out, acc, mask=mask)
+
+
+def _load_triton() -> None:
+    """Import triton and jit this file's kernels (once, on the first launch)."""
+    global triton, tl, _w8a8_gemm_kernel, _splitk_reduce_kernel
+    if triton is not None:
+        return
+    import triton as _triton
+    import triton.language as _tl
+    if _interpreting() and type(_tl.standard.cdiv).__name__ != "InterpretedFunction":
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton had been imported (torch._dynamo, "
+                           "i.e. torch.compile/export, imports it): set it before triton is first imported")
+    triton, tl = _triton, _tl
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
+                             num_warps=w, num_stages=s) for bm, bn, bk, g, w, s in _W8A8_CONFIGS]
+    _w8a8_gemm_kernel = triton.autotune(configs, key=["M_BUCKET", "N", "K", "SPLIT_K"],
+                                        prune_configs_by={"early_config_prune": _prune_w8a8})(
+                                            triton.jit(_w8a8_gemm_kernel))
+    _splitk_reduce_kernel = triton.jit(_splitk_reduce_kernel)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a token value that still exercises split-K
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Decode shapes (M <= 16) have few output tiles: split K so ~2 programs per SM are busy."""
+    if m > 16:
+        return 1
+    tiles = -(-n // 64)
+    want = -(-2 * _num_sms(device) // tiles)
+    return max(1, min(want, k // 512 if device.type == "cuda" else k // 64, 16))
+
+
+def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = None,
+                     b_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype = torch.int32, split_k: int | None = None) -> torch.Tensor:
+    """``a`` int8 [M, K] @ ``b`` int8 [N, K]^T. With scales: ``acc * a_scale[m] * b_scale[n] + bias``
+    in ``out_dtype`` (float16/bfloat16/float32); without: the exact int32 accumulator."""
+    op = "int8_gemm_triton"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"{op}: expects a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"{op}: operands must be int8, got {a.dtype} and {b.dtype}")
+    if a.device != b.device or (a.device.type != "cuda" and not _interpreting()):
+        raise RuntimeError(f"{op}: needs both operands on one CUDA device (got {a.device}, {b.device}); "
+                           "set TRITON_INTERPRET=1 before importing triton to run it on the CPU")
+    m, k = a.shape
+    n = b.shape[0]
+    epilogue = a_scale is not None
+    if epilogue:
+        if b_scale is None or a_scale.numel() != m or b_scale.numel() != n:
+            raise ValueError(f"{op}: needs a_scale [M={m}] and b_scale [N={n}], got "
+                             f"{None if a_scale is None else tuple(a_scale.shape)} and "
+                             f"{None if b_scale is None else tuple(b_scale.shape)}")
+        if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{op}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+        if bias is not None and bias.numel() != n:
+            raise ValueError(f"{op}: bias must have N = {n} elements, got {bias.numel()}")
+    elif out_dtype != torch.int32 or bias is not None:
+        raise ValueError(f"{op}: without scales the output is the int32 accumulator (no bias)")
+    if k < 16:
+        raise ValueError(f"{op}: K = {k} is below tl.dot's minimum of 16")
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    _load_triton()
+    split = split_k if split_k is not None else _split_k(m, n, k, a.device)
+    ws = torch.empty(split, m, n, dtype=torch.int32, device=a.device) if split > 1 else out
+    sa = a_scale.float().contiguous() if epilogue else out
+    sb = b_scale.float().contiguous() if epilogue else out
+    bias_ = bias.contiguous() if bias is not None else out
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+    _w8a8_gemm_kernel[grid](a, b, sa, sb, bias_, out, ws, m, n, k, _m_bucket(m),
+                            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+                            HAS_BIAS=bias is not None, EPILOGUE=epilogue, SPLIT_K=split)
+    if split > 1:
+        bm, bn = 16, 64
+        _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            ws, sa, sb, bias_, out, m, n, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+            EPILOGUE=epilogue, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return out
+
+
+def w8a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, act_scale: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Triton ``w8a8_linear_reference``: fused per-token (or static per-tensor) int8 quantization of
+    ``x`` [..., K], int8 GEMM with ``qweight`` int8 [N, K], scale/bias epilogue in x's dtype."""
+    op = "w8a8_linear_triton"
+    if qweight.dim() != 2 or qweight.dtype != torch.int8:
+        raise TypeError(f"{op}: qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = qweight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: input has {x.shape[-1]} features, qweight expects K = {k}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if w_scale.numel() != n:
+        raise ValueError(f"{op}: w_scale must have N = {n} elements, got {w_scale.numel()}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if act_scale is None:
+        qx, sx, _, _ = quantize_activations_triton(x2, 8, symmetric=True)
+    else:
+        if act_scale.numel() != 1:
+            raise ValueError(f"{op}: act_scale is one static per-tensor scale, got {act_scale.numel()} values")
+        qx, sx, _, _ = quantize_activations_triton(x2, 8, symmetric=True, static_scale=act_scale)
+    y = int8_gemm_triton(qx, qweight, sx, w_scale, bias, out_dtype=x.dtype)
+    return y.reshape(*lead, n)

@@ -40,6 +40,17 @@ def test_outlier_columns_gathered_in_the_same_launch(device, n_out, bits, symmet
     assert torch.equal(got[3], x[:, idx])
 
 
+@pytest.mark.parametrize("n_out", [0, 1, 32])
+def test_column_map_quantizes_a_compacted_permuted_layout(device, n_out):
+    m, k = 7, 101
+    x = (torch.randn(m, k) * 2).to(torch.bfloat16).to(device)
+    perm = torch.randperm(k).to(device)
+    col_map, idx = perm[:k - n_out], (perm[k - n_out:] if n_out else None)
+    got = quantize_activations_triton(x, 4, False, outlier_idx=idx, pack=True, col_map=col_map)
+    _assert_same(got, quantize_activations_reference(x, 4, False, outlier_idx=idx, pack=True, col_map=col_map))
+    assert got[0].shape == (m, (k - n_out + 1) // 2)
+
+
 def test_rounds_half_to_even_like_torch(device):
     # absmax 127 -> scale exactly 1: the ties below must round to even, as torch.round does
     x = torch.tensor([[127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -126.5, -2.5]], device=device)
@@ -72,3 +83,23 @@ def test_errors_name_the_constraint(device):
         quantize_activations_triton(torch.zeros(2, 2, 8, device=device))
     with pytest.raises(ValueError, match="no column to quantize"):
         quantize_activations_triton(torch.zeros(2, 4, device=device), outlier_idx=torch.arange(4, device=device))
+
+
+QA_SIGNATURE = {
+    "x_ptr": "*bf16", "q_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "omask_ptr": "*i8",
+    "oidx_ptr": "*i64", "out_ptr": "*bf16", "cmap_ptr": "*i64", "M": "i32", "K": "i32", "N_OUT": "i32",
+    "stride_xm": "i32",
+    "stride_xk": "i32", "stride_qm": "i32", "stride_om": "i32", "BITS": "constexpr", "SYMMETRIC": "constexpr",
+    "STATIC": "constexpr", "PACK": "constexpr", "MASK_OUTLIERS": "constexpr", "GATHER_OUTLIERS": "constexpr",
+    "HAS_COLMAP": "constexpr", "BLOCK_M": "constexpr",
+    "BLOCK_K": "constexpr", "BLOCK_O": "constexpr"}
+
+
+def test_compiled_rounding_is_ieee_division_and_magic_add(compile_sm90):
+    (ptx, _), = compile_sm90([dict(
+        module="qcompile.kernels.quantize_activations", kernel="_quantize_rows_kernel", signature=QA_SIGNATURE,
+        constexprs=dict(stride_xk=1, BITS=4, SYMMETRIC=False, STATIC=False, PACK=True, MASK_OUTLIERS=False,
+                        GATHER_OUTLIERS=True, HAS_COLMAP=True,
+                        BLOCK_M=2, BLOCK_K=4096, BLOCK_O=256), num_warps=8, num_stages=1)])
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
+    assert "0f4B400000" in ptx and "0fCB400000" in ptx  # +-1.5 * 2^23 survive: round half to even
