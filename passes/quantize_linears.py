@@ -4,6 +4,13 @@ Schemes: W8A8 (int8 per-row weights, int8 activations per token or static per te
 ``qcompile::w8a8_linear``; weight-only W8/W4/W3 per row or per group, symmetric or asymmetric
 -> ``qcompile::weight_only_linear``. The integer weights, scales and zeros are stored as
 buffers on the graph module (4-bit packed two per byte); the float weight is removed.
+
+``outliers=True`` (QUIK): W4A4 or W8A8 with per-row symmetric weights, per-token asymmetric
+activations over the non-outlier columns and the ``outliers`` analysis' columns kept in float
+-> ``qcompile::w4a4_outlier_linear`` (an ``outlier_gather`` node left by ReorderOutliers is
+absorbed into the op's ``perm``). Where GPTQ recorded integers for a linear
+(``ctx.analyses["gptq"]``) and they still reproduce its float weight, they are used as they are
+(no second rounding), in both the outlier and the weight-only lowerings.
 """
 
 from __future__ import annotations
@@ -17,15 +24,17 @@ import torch.fx as fx
 from torch import nn
 
 import qcompile.kernels.ops  # noqa: F401 - registers torch.ops.qcompile
-from qcompile.formats import (Granularity, PerGroup, PerRow, PerTensor, PerToken, granularity_from,
-                              pack_int4, quantize_weight)
+from qcompile.formats import (Granularity, PerGroup, PerRow, PerTensor, PerToken, QuantizedWeight,
+                              granularity_from, pack_int4, quantize_weight)
+from qcompile.kernels.w4a4_outlier_gemm import outlier_row_sum
+from qcompile.kernels.weight_only_gemm import pack_weight
 from qcompile.graph_query import LinearSite, get_tensor, linear_sites, set_tensor
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, matches
 
 __all__ = ["QuantizeLinears", "LinearScheme"]
 
-_OVERRIDABLE = {"w_bits", "a_bits", "w_granularity", "w_symmetric", "a_granularity"}
+_OVERRIDABLE = {"w_bits", "a_bits", "w_granularity", "w_symmetric", "a_granularity", "outliers"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class LinearScheme:
     w_granularity: Granularity = PerRow()
     w_symmetric: bool = True
     a_granularity: Granularity = PerToken()
+    outliers: bool = False           # QUIK: fp16 outlier columns, asymmetric per-token activations
 
     @property
     def weight_only(self) -> bool:
@@ -45,6 +55,14 @@ class LinearScheme:
     def validate(self) -> "LinearScheme":
         if self.w_bits not in (3, 4, 8):
             raise ValueError(f"w_bits must be 3, 4 or 8, got {self.w_bits}")
+        if self.outliers:
+            if (self.w_bits, self.a_bits) not in ((4, 4), (8, 8)):
+                raise ValueError(f"outliers=True lowers W4A4 or W8A8 (got W{self.w_bits}A{self.a_bits})")
+            if not isinstance(self.w_granularity, PerRow) or not self.w_symmetric:
+                raise ValueError("outliers=True uses symmetric per-row weights (w_granularity=PerRow())")
+            if not isinstance(self.a_granularity, PerToken):
+                raise ValueError("outliers=True quantizes activations per token (a_granularity=PerToken())")
+            return self
         if not self.weight_only:
             if self.a_bits != 8 or self.w_bits != 8:
                 raise ValueError(f"activation quantization supports W8A8 here (got W{self.w_bits}A"
@@ -60,6 +78,8 @@ class LinearScheme:
     def describe(self) -> str:
         g = "g" + str(self.w_granularity.size) if isinstance(self.w_granularity, PerGroup) else "per-row"
         sym = "" if self.w_symmetric else " asym"
+        if self.outliers:
+            return f"W{self.w_bits}A{self.a_bits} {g} + fp16 outliers, act per-token asym"
         if self.weight_only:
             return f"W{self.w_bits}A16 {g}{sym}"
         a = "per-token" if isinstance(self.a_granularity, PerToken) else "per-tensor static"
@@ -89,6 +109,7 @@ class QuantizeLinears(Pass):
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=lambda: ["re:(.*\\.)?lm_head"])
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outliers: bool = False
 
     kind = PassKind.LOWER
     provides = ("float_weights", "lowered_linears")
@@ -97,7 +118,7 @@ class QuantizeLinears(Pass):
         self.w_granularity = granularity_from(self.w_granularity)
         self.a_granularity = granularity_from(self.a_granularity)
         self.base_scheme = LinearScheme(self.w_bits, self.a_bits, self.w_granularity, self.w_symmetric,
-                                        self.a_granularity).validate()
+                                        self.a_granularity, self.outliers).validate()
         for pattern, fields in self.overrides.items():
             unknown = set(fields) - _OVERRIDABLE
             if unknown:
@@ -110,7 +131,8 @@ class QuantizeLinears(Pass):
 
     def config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("w_bits", "a_bits", "w_granularity", "w_symmetric",
-                                              "a_granularity", "targets", "ignore", "overrides")}
+                                              "a_granularity", "targets", "ignore", "overrides",
+                                              "outliers")}
 
     def scheme_for(self, module: str, fields: dict[str, Any] | None = None) -> LinearScheme:
         if fields is None:
@@ -129,6 +151,8 @@ class QuantizeLinears(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         stats = ctx.analyses.get("activation_stats", {})
+        outlier_sets = ctx.analyses.get("outliers", {})
+        gptq = ctx.analyses.get("gptq", {})
         float_weights = ctx.analyses.setdefault("float_weights", {})
         lowered = ctx.analyses.setdefault("lowered_linears", {})
         rows, skipped = [], []
@@ -138,8 +162,13 @@ class QuantizeLinears(Pass):
                 continue
             scheme = self.scheme_for(site.module)
             float_weights[site.module] = site.weight_tensor(gm).detach()
-            rows.append(_lower_linear(gm, site, scheme, stats))
+            if scheme.outliers:
+                rows.append(_lower_outlier_linear(gm, site, scheme, outlier_sets.get(site.module),
+                                                  gptq.get(site.module)))
+            else:
+                rows.append(_lower_linear(gm, site, scheme, stats, gptq.get(site.module)))
             lowered[site.module] = scheme
+        _drop_dead_gathers(gm)
         _drop_unused_weights(gm)
         notes = [f"lowered {len(rows)} linears"]
         if skipped:
@@ -155,10 +184,15 @@ def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def _lower_linear(gm: fx.GraphModule, site: LinearSite, scheme: LinearScheme,
-                  stats: dict[str, Any]) -> dict[str, Any]:
+                  stats: dict[str, Any], record: Any = None) -> dict[str, Any]:
     w = site.weight_tensor(gm).detach()
     n, k = w.shape
     qw = quantize_weight(w, scheme.w_bits, scheme.w_granularity, scheme.w_symmetric)
+    source = "RTN"
+    if scheme.weight_only and _record_usable(record, w, scheme.w_bits, qw.group_size,
+                                             scheme.w_symmetric, outlier_free=True):
+        qw = QuantizedWeight(record.q, record.scale, record.zero, scheme.w_bits, qw.group_size)
+        source = "GPTQ"
     container = _container_for(gm, site)
     prefix = site.module
     graph = gm.graph
@@ -166,7 +200,7 @@ def _lower_linear(gm: fx.GraphModule, site: LinearSite, scheme: LinearScheme,
     with graph.inserting_before(node):
         bias = graph.get_attr(site.bias) if site.bias else None
         if scheme.weight_only:
-            stored = pack_int4(qw.q) if scheme.w_bits == 4 else qw.q
+            stored = pack_weight(qw.q, scheme.w_bits)  # 3- and 4-bit: two per byte
             _put(container, "qweight", stored)
             _put(container, "scale", qw.scale.float().contiguous())
             args = [site.input, graph.get_attr(f"{prefix}.qweight"), graph.get_attr(f"{prefix}.scale")]
@@ -197,7 +231,82 @@ def _lower_linear(gm: fx.GraphModule, site: LinearSite, scheme: LinearScheme,
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return {"module": site.module, "scheme": scheme.describe(), "shape": f"{n}x{k}",
-            "weight SQNR dB": round(_sqnr_db(w, qw.dequantize()), 2)}
+            "weights from": source, "weight SQNR dB": round(_sqnr_db(w, qw.dequantize()), 2)}
+
+
+def _record_usable(record: Any, w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                   outlier_free: bool) -> bool:
+    """GPTQ's integers can be lowered as they are: same format, and they still reproduce the
+    float weight in the graph (no pass changed it since)."""
+    if record is None or record.bits != bits or record.symmetric != symmetric:
+        return False
+    if record.group_size != group_size and not (record.group_size == 0 and group_size >= w.shape[1]):
+        return False
+    if outlier_free and record.outlier_idx.numel():
+        return False
+    cols = record.quant_idx
+    g = record.group_size
+    groups = torch.arange(cols.numel()) // g if g else torch.zeros(cols.numel(), dtype=torch.long)
+    zero = record.zero[:, groups] if record.zero is not None else 0.0
+    deq = (record.q.float() - zero) * record.scale[:, groups]
+    ref = w[:, cols].float()
+    return bool(torch.allclose(deq, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max().clamp_min(1e-12))))
+
+
+def _lower_outlier_linear(gm: fx.GraphModule, site: LinearSite, scheme: LinearScheme,
+                          outliers: torch.Tensor | None, record: Any) -> dict[str, Any]:
+    """QUIK: integers for the non-outlier columns (GPTQ's if recorded, else RTN), float outliers."""
+    w = site.weight_tensor(gm).detach()
+    n, k = w.shape
+    if _record_usable(record, w, scheme.w_bits, 0, True, outlier_free=False):
+        idx, q, scale, source = record.outlier_idx, record.q, record.scale.reshape(n), "GPTQ"
+    else:
+        idx = outliers if outliers is not None else torch.zeros(0, dtype=torch.long)
+        keep = torch.ones(k, dtype=torch.bool)
+        keep[idx] = False
+        qw = quantize_weight(w[:, keep], scheme.w_bits, PerRow(), True)
+        q, scale, source = qw.q, qw.scale.reshape(n), "RTN"
+    idx = idx.long()
+    k_out = idx.numel()
+    last = torch.equal(idx, torch.arange(k - k_out, k))
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[idx] = False
+    container = _container_for(gm, site)
+    prefix = site.module
+    _put(container, "qweight", (pack_int4(q) if scheme.w_bits == 4 else q.to(torch.int8)).contiguous())
+    _put(container, "w_scale", scale.float().contiguous())
+    _put(container, "row_sum", outlier_row_sum(q, scale))
+    _put(container, "outlier_weight", w[:, idx].to(torch.float16).contiguous())
+    if not last:
+        _put(container, "outlier_idx", idx.contiguous())
+    x, perm = site.input, None
+    meta = x.meta.get("qcompile", {}) if isinstance(x, fx.Node) else {}
+    if isinstance(x, fx.Node) and "outlier_gather" in meta:
+        x, perm = x.args[0], x.args[2]  # the op gathers the columns itself
+    graph, node = gm.graph, site.node
+    with graph.inserting_before(node):
+        get = lambda name: graph.get_attr(f"{prefix}.{name}")  # noqa: E731
+        args = (x, get("qweight"), get("w_scale"), get("row_sum"), get("outlier_weight"),
+                None if last else get("outlier_idx"), perm,
+                graph.get_attr(site.bias) if site.bias else None, scheme.a_bits)
+        new = graph.call_function(torch.ops.qcompile.w4a4_outlier_linear.default, args)
+    new.meta.update({k2: v for k2, v in node.meta.items() if k2 != "qcompile"})
+    new.meta["qcompile"] = {"module": site.module, "scheme": scheme.describe(), "w_bits": scheme.w_bits,
+                            "a_bits": scheme.a_bits, "outliers": k_out}
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    deq = w.float().clone()
+    deq[:, keep] = q.float() * scale.float()[:, None]
+    return {"module": site.module, "scheme": scheme.describe(), "shape": f"{n}x{k}",
+            "fp16 cols": k_out, "gather": "in op" if perm is not None else "-",
+            "weights from": source, "weight SQNR dB": round(_sqnr_db(w, deq), 2)}
+
+
+def _drop_dead_gathers(gm: fx.GraphModule) -> None:
+    """Remove ReorderOutliers' input gathers that the outlier ops absorbed."""
+    for node in list(gm.graph.nodes):
+        if not node.users and "outlier_gather" in node.meta.get("qcompile", {}):
+            gm.graph.erase_node(node)
 
 
 def _container_for(gm: fx.GraphModule, site: LinearSite) -> nn.Module:

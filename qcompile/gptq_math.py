@@ -122,7 +122,16 @@ def find_scale(w: torch.Tensor, bits: int, symmetric: bool = True, clip_search: 
     for start in range(0, _CLIP_STEPS, chunk):            # vectorized over rows and shrinks
         r = ratios[start:start + chunk][:, None]          # [S, 1]
         scale, zero = _scale_zero(w[None], r, bits, symmetric)   # [S, R]
-        err = (_fake(w[None], scale[..., None], zero[..., None], lo, hi) - w[None]).abs_().pow_(norm).sum(-1)
+        # |Q(w) - w|^p = scale^p |clamp(round(t) + z) - z - t|^p with t = w / scale
+        t = w[None] / scale[..., None]
+        d = torch.round(t)
+        if symmetric:
+            d.clamp_(lo, hi)
+        else:
+            z = zero[..., None]
+            d.add_(z).clamp_(lo, hi).sub_(z)
+        err = d.sub_(t).abs_().pow_(norm).sum(-1) * scale.pow(norm)
+        del t, d
         val, arg = err.min(dim=0)
         better = val < best_err
         best_err = torch.where(better, val, best_err)
@@ -184,6 +193,41 @@ def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[tor
                      "mean(diag H); check the calibration inputs")
 
 
+def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor, kq: int, k: int, block_size: int, bits: int, symmetric: bool,
+                 clip_search: bool, gs: int) -> torch.Tensor:
+    """The column loop, in place on the permuted weight ``wp``: rounds columns [0, kq), spreads
+    the error onto all later columns (including the float ones), returns the integers [N, kq].
+    ``gs`` > 0: dynamic groups, whose scales are found when their first column is reached."""
+    n, dtype = wp.shape[0], wp.dtype
+    lo, hi = _levels(bits, symmetric)
+    dynamic_groups = gs > 0
+    qp = torch.zeros(n, kq, dtype=dtype)
+    for i1 in range(0, kq, block_size):
+        i2 = min(i1 + block_size, k)
+        iq = min(i1 + block_size, kq)                  # columns of this block that get rounded
+        w1 = wp[:, i1:i2].clone()
+        hinv1 = upper[i1:i2, i1:i2]
+        err1 = torch.zeros(n, iq - i1, dtype=dtype)
+        for i in range(iq - i1):
+            col = i1 + i
+            g = int(gp[col])
+            if dynamic_groups and (col % gs == 0):
+                s, z = find_scale(w1[:, i:i + gs], bits, symmetric, clip_search)
+                scale[:, g], zero[:, g] = s, z
+            wc = w1[:, i]
+            sc, zc = scale[:, g], zero[:, g]
+            qi = torch.clamp(torch.round(wc / sc) + zc, lo, hi)
+            qp[:, col] = qi
+            err = (wc - (qi - zc) * sc) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        wp[:, i1:i2] = w1
+        if i2 < k:
+            wp[:, i2:] -= err1 @ upper[i1:iq, i2:]
+    return qp
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 0,
                   symmetric: bool = True, act_order: bool = False, block_size: int = 128,
                   damp: float = 0.01, keep_last: int = 0, clip_search: bool = False,
@@ -243,29 +287,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
 
     wp = wf[:, perm].contiguous()
     gp = group_of[perm]
-    qp = torch.zeros(n, kq, dtype=dtype)
-    for i1 in range(0, kq, block_size):
-        i2 = min(i1 + block_size, k)
-        iq = min(i1 + block_size, kq)                  # columns of this block that get rounded
-        w1 = wp[:, i1:i2].clone()
-        hinv1 = upper[i1:i2, i1:i2]
-        err1 = torch.zeros(n, iq - i1, dtype=dtype)
-        for i in range(iq - i1):
-            col = i1 + i
-            g = int(gp[col])
-            if dynamic_groups and (col % gs == 0):
-                s, z = find_scale(w1[:, i:i + gs], bits, symmetric, clip_search)
-                scale[:, g], zero[:, g] = s, z
-            wc = w1[:, i]
-            sc, zc = scale[:, g], zero[:, g]
-            qi = torch.clamp(torch.round(wc / sc) + zc, lo, hi)
-            qp[:, col] = qi
-            err = (wc - (qi - zc) * sc) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
-        wp[:, i1:i2] = w1
-        if i2 < k:
-            wp[:, i2:] -= err1 @ upper[i1:iq, i2:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny ops: thread start-up and barriers would dominate
+    try:
+        qp = _gptq_blocks(wp, upper, gp, scale, zero, kq, k, block_size, bits, symmetric, clip_search,
+                          gs if dynamic_groups else 0)
+    finally:
+        torch.set_num_threads(threads)
 
     # back to the original column order
     inv = torch.empty_like(perm)

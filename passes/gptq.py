@@ -1,0 +1,225 @@
+"""GPTQ: second-order rounding of every linear's weight, layer by layer (the math lives in
+``qcompile.gptq_math``).
+
+Inside each decoder layer the linears are grouped by the input they read (q/k/v; o; gate/up;
+down -- QUIK's sequential order) and handled in graph order: the layer is rerun over the
+calibration set to collect each group's Hessian H = 2/n sum x x^T *after* the previous groups
+were rounded, then the group is rounded (linears sharing an input share H, so their rows are
+rounded in one call), then the layer is committed so the next one sees the rounded prefix.
+
+The rounded weight is written back as float (the graph still runs in float) and the integers,
+scales, zeros and float outlier columns go to ``ctx.analyses["gptq"][module]`` (a
+``GPTQRecord``), which the lowering consumes instead of rounding a second time.
+
+QUIK mode (``outliers="keep_fp16"``, needs ``outliers`` and ``activation_stats``): the columns
+are processed in ascending order of activation abs-max with the outlier columns last, which stay
+in float and absorb the error feedback; per-row scales come from the non-outlier columns (with
+``clip=True``, QUIK's clipping search). After ReorderOutliers the outliers already are the last k
+columns, and that layout is kept: only GPTQ's processing order changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
+from qcompile.graph_query import linear_sites, set_tensor
+from qcompile.layerwise import LayerwiseRunner
+from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
+from qcompile.targets import first_match, matches
+
+__all__ = ["GPTQ", "GPTQRecord"]
+
+
+@dataclass
+class GPTQRecord:
+    """What the lowering needs from GPTQ for one linear (see ``qcompile.gptq_math.GPTQResult``).
+
+    ``q`` int8 [N, Kq] holds the quantized columns ``quant_idx`` (ascending); ``outlier_idx`` the
+    float columns, whose values are ``outlier_weight`` [N, k].
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int
+    symmetric: bool
+    quant_idx: torch.Tensor
+    outlier_idx: torch.Tensor
+    outlier_weight: torch.Tensor
+    error: float
+    rtn_error: float
+
+
+@register_pass
+@dataclass
+class GPTQ(Pass):
+    """GPTQ weight rounding (standard W4A16/W3A16, per row or ``group_size``; or QUIK mode with
+    ``outliers="keep_fp16"``). ``overrides`` maps a module pattern to changed ``w_bits``,
+    ``group_size``, ``symmetric`` or ``clip`` (QUIK-4B: ``{"re:.*down_proj": {"w_bits": 8}}``, to
+    match the W8A8 lowering). ``hessian_dtype`` "float64" for ill-conditioned layers."""
+
+    w_bits: int = 4
+    group_size: int = 0
+    symmetric: bool = True
+    act_order: bool = False
+    outliers: str | None = None
+    clip: bool = False
+    block_size: int = 128
+    damp: float = 0.01
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=lambda: ["re:(.*\\.)?lm_head"])
+    hessian_dtype: str = "float32"
+    overrides: dict[str, dict] = field(default_factory=dict)
+
+    kind = PassKind.TRANSFORM
+    provides = ("gptq",)
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        if self.outliers not in (None, "keep_fp16"):
+            raise ValueError(f"outliers must be None or 'keep_fp16', got {self.outliers!r}")
+        if self.outliers and self.act_order:
+            raise ValueError("act_order and outliers='keep_fp16' both choose the column order; "
+                             "QUIK orders by activation scale, so drop act_order")
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise ValueError(f"hessian_dtype must be 'float32' or 'float64', got {self.hessian_dtype!r}")
+        if not 2 <= self.w_bits <= 8:
+            raise ValueError(f"w_bits must be between 2 and 8, got {self.w_bits}")
+        for pattern, fields in self.overrides.items():
+            unknown = set(fields) - {"w_bits", "group_size", "symmetric", "clip"}
+            if unknown:
+                raise ValueError(f"GPTQ override {pattern!r}: unknown fields {sorted(unknown)}; "
+                                 "allowed: clip, group_size, symmetric, w_bits")
+        self.requires = ("outliers", "activation_stats") if self.outliers else ()  # type: ignore[misc]
+
+    def settings_for(self, module: str) -> tuple[int, int, bool, bool]:
+        """(w_bits, group_size, symmetric, clip) for ``module``, after overrides."""
+        pattern = first_match(module, self.overrides)
+        over = self.overrides[pattern] if pattern else {}
+        return (over.get("w_bits", self.w_bits), over.get("group_size", self.group_size),
+                over.get("symmetric", self.symmetric), over.get("clip", self.clip))
+
+    def selected(self, module: str) -> bool:
+        if self.targets is not None and not matches(module, self.targets):
+            return False
+        return not matches(module, self.ignore)
+
+    def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        outliers = ctx.analyses.get("outliers", {}) if self.outliers else {}
+        stats = ctx.analyses.get("activation_stats", {})
+        records = ctx.analyses.setdefault("gptq", {})
+        sites = [s for s in linear_sites(gm) if self.selected(s.module)]
+        runner = LayerwiseRunner(gm, ctx.calibration)
+        dtype = torch.float64 if self.hessian_dtype == "float64" else torch.float32
+        rows = []
+        done: set[str] = set()
+        for layer in runner.layers():
+            if len(done) == len(sites):
+                break  # nothing left to round: the remaining layers need not run
+            members = set(layer.nodes)
+            groups: dict[fx.Node, list] = {}
+            for s in sites:
+                if s.node in members:
+                    groups.setdefault(s.input, []).append(s)
+            for x, group in groups.items():
+                acc = HessianAccumulator(group[0].weight_tensor(gm).shape[1], dtype)
+                self._collect(runner, layer, x, acc)
+                batches: dict[tuple, list] = {}  # one GPTQ call per setting
+                for s in group:
+                    batches.setdefault(self.settings_for(s.module), []).append(s)
+                for settings, batch in batches.items():
+                    rows += self._round_group(gm, batch, acc.h, outliers, stats, records, settings)
+                done.update(s.module for s in group)
+            runner.commit(layer)
+        missed = [s.module for s in sites if s.module not in done]
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        total_g = sum(r["GPTQ error"] for r in rows)
+        total_r = sum(r["RTN error"] for r in rows)
+        mode = "QUIK (fp16 outliers last, ascending activation order)" if self.outliers else (
+            "act-order" if self.act_order else "natural order")
+        gran = f"g{self.group_size}" if self.group_size else "per row"
+        notes = [f"GPTQ W{self.w_bits} {gran}{'' if self.symmetric else ' asym'}, {mode}"
+                 f"{', clipping search' if self.clip else ''}: {len(rows)} linears in "
+                 f"{elapsed:.1f} s ({cpu:.1f} s of CPU time) on {ctx.calibration.tokens} "
+                 "calibration tokens",
+                 f"total layer error: GPTQ {total_g:.4g} vs RTN {total_r:.4g} "
+                 f"({total_g / max(total_r, 1e-30):.3f}x)"]
+        if missed:
+            notes.append(f"not in any decoder layer, left in float: {', '.join(missed)}")
+        ctx.analyses["gptq_time_s"] = elapsed
+        ctx.analyses["gptq_cpu_s"] = cpu
+        return PassResult(gm, bool(rows), notes, rows)
+
+    @staticmethod
+    def _collect(runner: LayerwiseRunner, layer, x: fx.Node, acc: HessianAccumulator) -> None:
+        if x in set(layer.nodes):
+            runner.run(layer, observe={x: acc.add}, stop=x)
+            return
+        # the input was computed by an earlier group and is cached for this one
+        for env in runner._envs:  # noqa: SLF001 - the runner keeps cross-layer values here
+            acc.add(env[x])
+
+    def _round_group(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict,
+                     stats: dict, records: dict, settings: tuple[int, int, bool, bool]) -> list[dict]:
+        """Round the linears sharing input Hessian ``h`` in one GPTQ call (rows are independent)."""
+        bits, group_size, symmetric, clip = settings
+        ws = [s.weight_tensor(gm).detach() for s in group]
+        k = ws[0].shape[1]
+        perm, keep = None, 0
+        if self.outliers:
+            idx = outliers.get(group[0].module)
+            if idx is None:
+                idx = torch.zeros(0, dtype=torch.long)
+            keep = int(idx.numel())
+            st = stats.get(group[0].module)
+            if st is None:
+                raise ValueError(f"GPTQ(outliers='keep_fp16') needs activation statistics for "
+                                 f"{group[0].module}: run ActivationStats before it")
+            rest = torch.ones(k, dtype=torch.bool)
+            rest[idx] = False
+            rest = torch.nonzero(rest).flatten()
+            rest = rest[torch.argsort(st.absmax[rest], stable=True)]
+            perm = torch.cat([rest, idx.long()])
+        w_all = torch.cat(ws, dim=0)
+        res = gptq_quantize(w_all, h, bits, group_size, symmetric, self.act_order,
+                            self.block_size, self.damp, keep_last=keep, clip_search=clip, perm=perm)
+        rows, start = [], 0
+        for s, w in zip(group, ws):
+            n = w.shape[0]
+            part = slice(start, start + n)
+            start += n
+            w_hat = res.weight[part].to(w.dtype)
+            set_tensor(gm, s.weight, w_hat.contiguous())
+            rtn = _rtn_like(w, res, part, bits, symmetric, clip)
+            err, rtn_err = layer_error(w, w_hat, h), layer_error(w, rtn, h)
+            records[s.module] = GPTQRecord(
+                q=res.q[part].contiguous(), scale=res.scale[part].contiguous(),
+                zero=None if res.zero is None else res.zero[part].contiguous(), bits=bits,
+                group_size=res.group_size, symmetric=symmetric, quant_idx=res.quant_idx,
+                outlier_idx=res.outlier_idx, outlier_weight=res.outlier_weight[part].contiguous(),
+                error=err, rtn_error=rtn_err)
+            rows.append({"module": s.module, "shape": f"{n}x{k}", "bits": bits, "fp16 cols": keep,
+                         "GPTQ error": float(f"{err:.4g}"), "RTN error": float(f"{rtn_err:.4g}"),
+                         "GPTQ/RTN": round(err / max(rtn_err, 1e-30), 3)})
+        return rows
+
+
+def _rtn_like(w: torch.Tensor, res, part: slice, bits: int, symmetric: bool, clip: bool) -> torch.Tensor:
+    """Round-to-nearest of ``w`` for comparison, with the same outlier columns kept in float.
+    Per-row scales are GPTQ's own (found on the original weights), so only the feedback differs."""
+    if res.group_size:
+        return rtn_quantize(w, bits, res.group_size, symmetric, keep_idx=res.outlier_idx, clip_search=clip)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    scale = res.scale[part, :1].to(w.dtype)
+    zero = res.zero[part, :1].to(w.dtype) if res.zero is not None else 0.0
+    out = w.clone()
+    cols = res.quant_idx
+    out[:, cols] = (torch.clamp(torch.round(w[:, cols] / scale) + zero, lo, hi) - zero) * scale
+    return out

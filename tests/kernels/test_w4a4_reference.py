@@ -1,0 +1,98 @@
+"""The W4A4 + outliers reference op against an independent int64 computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile.kernels.ops  # noqa: F401 - registers torch.ops.qcompile
+from qcompile.formats import pack_int4
+from qcompile.kernels.w4a4_outlier_gemm import outlier_row_sum, w4a4_outlier_linear_reference
+
+
+def _case(m, k, n, k_out, w_bits, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * (torch.rand(k, generator=gen) * 3 + 0.1)
+    lo, hi = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1
+    q = torch.randint(lo, hi + 1, (n, k - k_out), generator=gen).to(torch.int8)
+    s_w = torch.rand(n, generator=gen) * 0.1 + 0.01
+    w_out = torch.randn(n, k_out, generator=gen).half()
+    bias = torch.randn(n, generator=gen)
+    return x, q, s_w, w_out, bias
+
+
+def _independent(x, q, s_w, w_out, bias, a_bits, outlier_idx, perm):
+    """Column split by explicit index lists, integer quantization, int64 products and sums."""
+    k = x.shape[1]
+    if perm is not None:
+        x = torch.stack([x[:, int(p)] for p in perm], dim=1)
+    k_out = w_out.shape[1]
+    out_cols = list(range(k - k_out, k)) if outlier_idx is None else [int(i) for i in outlier_idx]
+    q_cols = [c for c in range(k) if c not in set(out_cols)]
+    xq, xo = x[:, q_cols], x[:, out_cols]
+    y = torch.zeros(x.shape[0], q.shape[0])
+    if q_cols:
+        levels, half = 2 ** a_bits - 1, 2 ** (a_bits - 1)
+        lo, hi = xq.min(dim=1).values, xq.max(dim=1).values
+        s_t = ((hi - lo) / levels).clamp_min(1e-8)
+        qa = (torch.clamp(torch.round((xq - lo[:, None]) / s_t[:, None]), 0, levels) - half).long()
+        acc = (qa[:, None, :] * q.long()[None, :, :]).sum(-1)          # int64, exact
+        assert acc.abs().max() < 2 ** 31
+        row_sum = s_w * q.long().sum(1).float()
+        y = (s_t[:, None] * s_w[None, :]) * acc.float() + (lo + half * s_t)[:, None] * row_sum[None, :]
+    if k_out:
+        y = y + xo @ w_out.float().T
+    return y + bias
+
+
+@pytest.mark.parametrize("k_out", [0, 1, 32])
+@pytest.mark.parametrize("m,k,n", [(5, 67, 13), (1, 96, 7), (9, 131, 33)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("layout", ["last", "idx", "perm"])
+def test_reference_is_bit_exact(k_out, m, k, n, bits, layout):
+    x, q, s_w, w_out, bias = _case(m, k, n, k_out, bits, seed=k + n + k_out)
+    gen = torch.Generator().manual_seed(7)
+    idx = torch.randperm(k, generator=gen)[:k_out] if layout == "idx" else None
+    perm = torch.randperm(k, generator=gen) if layout == "perm" else None
+    qw = pack_int4(q) if bits == 4 else q
+    assert qw.shape[1] == ((k - k_out + 1) // 2 if bits == 4 else k - k_out)
+    y = w4a4_outlier_linear_reference(x, qw, s_w, outlier_row_sum(q, s_w), w_out, idx, perm, bias,
+                                      a_bits=bits)
+    ref = _independent(x, q, s_w, w_out, bias, bits, idx, perm)
+    assert torch.equal(y, ref)
+    # the registered op computes the same and keeps leading dimensions
+    op = torch.ops.qcompile.w4a4_outlier_linear.default(x[None], qw, s_w, outlier_row_sum(q, s_w),
+                                                       w_out, idx, perm, bias, bits)
+    assert op.shape == (1, m, n) and torch.equal(op[0], y)
+
+
+def test_close_to_float_and_outliers_help():
+    """Quantizing all columns of an input with a huge channel is poor; keeping it in float fixes it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, generator=gen)
+    x[:, 63] *= 100
+    w = torch.randn(10, 64, generator=gen)
+    ref = x @ w.T
+    errs = {}
+    for k_out in (0, 1):
+        wq = w[:, :64 - k_out]
+        s_w = wq.abs().amax(1) / 7
+        q = torch.clamp(torch.round(wq / s_w[:, None]), -8, 7).to(torch.int8)
+        y = w4a4_outlier_linear_reference(x, pack_int4(q), s_w, outlier_row_sum(q, s_w),
+                                          w[:, 64 - k_out:].half(), None, None, None, 4)
+        errs[k_out] = float((y - ref).norm() / ref.norm())
+    assert errs[1] < 0.5 * errs[0] and errs[1] < 0.2
+
+
+def test_fake_impl_and_shape_errors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, q, s_w, w_out, bias = _case(3, 40, 8, 4, 4, 0)
+    qw = pack_int4(q)
+    with FakeTensorMode() as mode:
+        fx_ = mode.from_tensor(x)
+        out = torch.ops.qcompile.w4a4_outlier_linear.default(
+            fx_, mode.from_tensor(qw), mode.from_tensor(s_w), mode.from_tensor(s_w),
+            mode.from_tensor(w_out), None, None, None, 4)
+        assert out.shape == (3, 8)
+    with pytest.raises(ValueError, match="quantized columns"):
+        w4a4_outlier_linear_reference(x[:, :30], qw, s_w, s_w, w_out, None, None, None, 4)

