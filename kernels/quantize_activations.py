@@ -22,7 +22,6 @@ Clamping before rounding is equivalent to clamping after, since the bounds are i
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -95,10 +94,9 @@ def quantize_activations_reference(x: torch.Tensor, bits: int = 8, symmetric: bo
 # Triton. Importing this module never imports triton: ``_load_triton`` imports it and applies
 # ``triton.jit`` on the first launch, so TRITON_INTERPRET may be set any time before that.
 triton = tl = None
+from qcompile.kernels.triton_support import interpreting as _interpreting  # noqa: E402
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 # One program per BLOCK_M rows; no autotuning (a memory-bound row kernel: the launcher picks

@@ -103,21 +103,13 @@ def w4a4_outlier_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scal
 # over the outlier columns into a float32 tile of the same output block, and the epilogue above.
 # Importing this module never imports triton: ``_load_triton`` jits on the first launch.
 
-import os  # noqa: E402
 
 triton = tl = None
+from qcompile.kernels.triton_support import interpreting as _interpreting, m_bucket as _m_bucket  # noqa: E402
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _m_bucket(m: int) -> int:
-    """Autotuning key for M: decode (<= 16), then powers of 4 up to 4096 (no re-tune per M)."""
-    for b in (16, 64, 256, 1024):
-        if m <= b:
-            return b
-    return 4096
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): Hopper int8 wgmma wants

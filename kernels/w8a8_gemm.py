@@ -15,7 +15,6 @@ over a second grid axis; the int32 partials are summed exactly by ``_splitk_redu
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -81,18 +80,11 @@ def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch
 # Triton. Importing this module never imports triton: ``_load_triton`` imports it and applies
 # ``triton.jit``/``triton.autotune`` on the first launch (TRITON_INTERPRET is read then).
 triton = tl = None
+from qcompile.kernels.triton_support import interpreting as _interpreting, m_bucket as _m_bucket  # noqa: E402
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _m_bucket(m: int) -> int:
-    """Autotuning key for M: decode (<= 16), then powers of 4 up to 4096 (no re-tune per M)."""
-    for b in (16, 64, 256, 1024):
-        if m <= b:
-            return b
-    return 4096
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Hopper's int8 wgmma needs

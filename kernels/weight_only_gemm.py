@@ -25,7 +25,6 @@ BLOCK_M = 16 tiles and split K; the float32 partials are summed in a fixed order
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -64,18 +63,11 @@ def weight_only_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: 
 # Triton. Importing this module never imports triton: ``_load_triton`` imports it and applies
 # ``triton.jit``/``triton.autotune`` on the first launch (TRITON_INTERPRET is read then).
 triton = tl = None
+from qcompile.kernels.triton_support import interpreting as _interpreting, m_bucket as _m_bucket  # noqa: E402
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _m_bucket(m: int) -> int:
-    """Autotuning key for M: decode (<= 16), then powers of 4 up to 4096 (no re-tune per M)."""
-    for b in (16, 64, 256, 1024):
-        if m <= b:
-            return b
-    return 4096
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_M = 16 rows serve decode
