@@ -16,7 +16,8 @@ random-weight OPT (mechanics only: its perplexity is near the vocabulary size by
               sqbest       SmoothQuant with the alpha that wins a small sweep on validation text
               aweq         AWEQ equalization on every site (norm, v->o, up->down, fc1->fc2)
               aweq-norm    AWEQ on the norm sites only (ablation); aweq-minmax: max-min ranges
-              +bec         then BiasCorrection (measured); +becc: closed form
+              +bec         then BiasCorrection (measured; v_proj left alone, see docs/aweq.md);
+                           +becc: closed form; +becv: measured, v_proj corrected too
 
 Calibration: ``calibration_windows(tok, wikitext2_valid, n=16, seq_len=512, seed=0)``; the
 activation statistics are computed once per model and copied into each row's pipeline (the same
@@ -70,12 +71,13 @@ SETTING_LABEL = {
     "w4a16-ch": "W4A16 per-channel", "w4a16-g128": "W4A16 g128",
     "w3a16-ch": "W3A16 per-channel", "w3a16-g128": "W3A16 g128",
 }
-METHODS = ["rtn", "sq0.5", "sqbest", "aweq", "aweq+bec"]
+METHODS = ["rtn", "rtn+bec", "sq0.5", "sqbest", "aweq", "aweq+bec"]
+ABLATIONS = {"w8a8-token": ["aweq-norm", "aweq-norm+bec"], "w4a16-ch": ["aweq-norm", "aweq-norm+bec"]}
 SWEEP_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-ALL_ROWS = (["fp32"] + [f"{m}/{s}" for s in SETTINGS for m in METHODS]
+ALL_ROWS = (["fp32"] + [f"{m}/{s}" for s in SETTINGS for m in METHODS + ABLATIONS.get(s, [])]
             + ["opt/fp32"] + [f"opt/{m}/{s}" for s in ("w8a8-token", "w8a8-tensor") for m in METHODS])
 KEY_ROWS = ["fp32", "rtn/w8a8-token", "sq0.5/w8a8-token", "aweq/w8a8-token", "aweq+bec/w8a8-token",
-            "rtn/w4a16-ch", "aweq/w4a16-ch", "aweq+bec/w4a16-ch"]
+            "rtn/w4a16-ch", "rtn+bec/w4a16-ch", "aweq/w4a16-ch", "aweq+bec/w4a16-ch"]
 
 
 # ---------------------------------------------------------------- rows -> pipelines
@@ -132,8 +134,10 @@ def pipeline(method: str, setting: str, alpha_best: float | None) -> list[Any]:
             passes.append(BiasCorrection(mode="measured"))
         elif mod == "becc":
             passes.append(BiasCorrection(mode="closed_form"))
+        elif mod == "becv":
+            passes.append(BiasCorrection(mode="measured", correct_values=True))
         else:
-            raise SystemExit(f"unknown modifier +{mod} (+bec, +becc)")
+            raise SystemExit(f"unknown modifier +{mod} (+bec, +becc, +becv)")
     return passes
 
 
