@@ -15,6 +15,8 @@ random-weight OPT (mechanics only: its perplexity is near the vocabulary size by
               sq<a>        SmoothQuant, alpha = a, folded into the norms (the paper's sites)
               sqbest       SmoothQuant with the alpha that wins a small sweep on validation text
               aweq         AWEQ equalization on every site (norm, v->o, up->down, fc1->fc2)
+              aweqs        AWEQ with each site's strength t (s ** t) searched for this setting
+                           on calibration data (Equalize(search=...)); aweqs-norm: norm sites only
               aweq-norm    AWEQ on the norm sites only (ablation); aweq-minmax: max-min ranges
               +bec         then BiasCorrection (measured; v_proj left alone, see docs/aweq.md);
                            +becc: closed form; +becv: measured, v_proj corrected too
@@ -116,6 +118,10 @@ def pipeline(method: str, setting: str, alpha_best: float | None) -> list[Any]:
         pass
     elif base == "aweq":
         passes.append(Equalize(method="aweq"))
+    elif base == "aweqs":
+        passes.append(Equalize(method="aweq", search=_setting(setting)))
+    elif base == "aweqs-norm":
+        passes.append(Equalize(method="aweq", sites=("norm",), search=_setting(setting)))
     elif base == "aweq-norm":
         passes.append(Equalize(method="aweq", sites=("norm",)))
     elif base == "aweq-minmax":

@@ -48,8 +48,11 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from qcompile.formats import PerRow
 from qcompile.graph_query import LinearSite, get_tensor, norm_sites, producer_pairs, set_tensor
-from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
+from qcompile.layerwise import LayerwiseRunner
+from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
+from qcompile.passes.equalize_search import DEFAULT_STRENGTHS, SearchTarget, TokenSample, choose_strength
 from qcompile.targets import matches
 
 __all__ = ["Equalize", "equalization_scale"]
@@ -198,8 +201,8 @@ def _divide_stats(st: Any, s_cols: torch.Tensor) -> None:
     st.max = (st.max.double() / s_cols).to(st.max.dtype)
     if getattr(st, "sum_abs", None) is not None:
         st.sum_abs = (st.sum_abs.double() / s_cols).to(st.sum_abs.dtype)
-    for extra in ("sum", "mean"):  # signed first moments, if a newer ChannelStats keeps them
-        v = getattr(st, extra, None)
+    for extra in ("sum", "mean"):  # signed first moments, if a newer ChannelStats stores them
+        v = vars(st).get(extra)
         if isinstance(v, torch.Tensor) and v.shape == s_cols.shape:
             setattr(st, extra, (v.double() / s_cols).to(v.dtype))
 
@@ -222,6 +225,12 @@ class Equalize(Pass):
     the scaled tensor, so a site is never split. ``ignore=None`` means ``["re:(.*\\.)?lm_head"]``
     (the head stays in float, and its weight is often tied to the embedding); pass ``[]`` to
     ignore nothing. Requires ``activation_stats`` and updates it in place.
+
+    ``search``: the quantization the model will be lowered with (``{"w_bits": 4, "a_bits": None}``,
+    QuantizeLinears' fields). With it, each site gets s ** t instead of s, the strength t taken
+    from ``strengths`` to minimize its consumers' quantized output error on ``search_tokens``
+    calibration tokens (see ``equalize_search``; needs calibration data). Without it (default)
+    every site gets the formula's scale, t = 1.
     """
 
     method: str = "aweq"
@@ -232,6 +241,9 @@ class Equalize(Pass):
     ignore: list[str] | None = None
     min_scale: float = 1e-2
     max_scale: float = 1e2
+    search: dict[str, Any] | None = None
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    search_tokens: int = 4096
 
     kind = PassKind.TRANSFORM
     requires = ("activation_stats",)
@@ -252,6 +264,13 @@ class Equalize(Pass):
         if not (0 < self.min_scale <= 1.0 <= self.max_scale) or not math.isfinite(self.max_scale):
             raise ValueError(f"Equalize: need 0 < min_scale <= 1 <= max_scale < inf, got "
                              f"[{self.min_scale}, {self.max_scale}]")
+        self._target = None if self.search is None else SearchTarget.from_config(self.search)
+        self.strengths = tuple(float(t) for t in self.strengths)
+        if not self.strengths or any(not math.isfinite(t) or t < 0 for t in self.strengths):
+            raise ValueError(f"Equalize: strengths must be non-negative numbers, got {self.strengths}")
+        if self.search_tokens < 1:
+            raise ValueError(f"Equalize: search_tokens must be >= 1, got {self.search_tokens}")
+        self.needs_calibration = self._target is not None  # type: ignore[misc]
 
     def _ignore(self) -> list[str]:
         return list(_DEFAULT_IGNORE if self.ignore is None else self.ignore)
@@ -271,54 +290,120 @@ class Equalize(Pass):
         rows: list[dict[str, Any]] = []
         sites = _collect_sites(gm, self.sites, notes)
         aliases = _aliased_tensors(gm)
-        done = {k: 0 for k in SITE_KINDS}
+        active = []
+        for site in sites:
+            why = self._why_skipped(site, stats, aliases)
+            if why is None:
+                active.append(site)
+            else:
+                notes.append(f"skipped {_label(site)}: {why}")
         # reverse graph order: later sites rescale their producers' rows before earlier sites
         # read those rows' columns as weight ranges
-        for site in sorted(sites, key=lambda s: s.position, reverse=True):
-            label = f"{site.kind} {site.source} -> {', '.join(_short(c.module) for c in site.consumers)}"
-            why = self._excluded(site)
-            if why is None:
-                missing = [c.module for c in site.consumers if c.module not in stats]
-                if missing:
-                    why = f"no activation statistics for {missing[0]} (was ActivationStats run on this graph?)"
-            if why is None:
-                tied = [t for t in site.source_tensors + [c.weight for c in site.consumers] if t in aliases]
-                if tied:
-                    why = f"{tied[0]} is shared with {aliases[tied[0]]}: scaling it would change both"
-            if why is not None:
-                notes.append(f"skipped {label}: {why}")
-                continue
-            site_stats = _distinct([stats[c.module] for c in site.consumers])
-            r_x = _activation_range(site_stats, site.channel_map, site.channels, self.range_stat)
-            r_w = _weight_range([c.weight_tensor(gm) for c in site.consumers], site.channel_map,
-                                site.channels, self.range_stat)
-            s, dead, clamped = equalization_scale(r_x, r_w, self.method, self.alpha, self.min_scale,
-                                                  self.max_scale)
-            s_cols = s[site.channel_map]
-            with torch.no_grad():
-                site.fold_source(gm, s)                          # X' = X / s
-                for c in site.consumers:                         # W' = W * s (input columns)
-                    w = c.weight_tensor(gm)
-                    set_tensor(gm, c.weight, w * s_cols.to(w.dtype)[None, :])
-                for st in site_stats:
-                    _divide_stats(st, s_cols)
-            done[site.kind] += 1
-            rows.append({"site": site.kind, "source": site.source,
-                         "consumers": ", ".join(_short(c.module) for c in site.consumers),
-                         "channels": site.channels, "s min": float(s.min()),
-                         "s median": float(s.median()), "s max": float(s.max()),
-                         "clamped": int(clamped.sum()), "dead": int(dead.sum())})
-        rows.reverse()  # report in graph order
+        active.sort(key=lambda s: s.position, reverse=True)
+        if self._target is None:
+            rows = [self._equalize(gm, site, stats, None) for site in active]
+        else:
+            rows = self._search_layerwise(gm, ctx, active, stats)
+        rows.sort(key=lambda r: r.pop("_position"))  # report in graph order
+        done = {k: sum(r["site"] == k for r in rows) for k in SITE_KINDS}
         head = (f"{self.method}" + (f" alpha={self.alpha}" if self.method == "smoothquant" else "")
                 + f", range {self.range_stat}: equalized "
                 + ", ".join(f"{n} {k}" for k, n in done.items() if k in self.sites))
         if rows:
             all_s = torch.tensor([[r["s min"], r["s max"]] for r in rows])
             head += f"; scales in [{float(all_s.min()):.3g}, {float(all_s.max()):.3g}]"
+        if self._target is not None and rows:
+            ts = [r["strength"] for r in rows]
+            head += (f"; strength searched for {_describe(self._target)}: mean {sum(ts) / len(ts):.2f}, "
+                     f"{sum(t == 0 for t in ts)} sites left unscaled")
         missing_kinds = [k for k in self.sites if not any(s.kind == k for s in sites)]
         if missing_kinds:
             notes.append(f"no {', '.join(missing_kinds)} sites found in this graph")
         return PassResult(gm, bool(rows), [head] + notes, rows)
+
+    def _why_skipped(self, site: _Site, stats: dict[str, Any], aliases: dict[str, str]) -> str | None:
+        why = self._excluded(site)
+        if why is None:
+            missing = [c.module for c in site.consumers if c.module not in stats]
+            if missing:
+                why = f"no activation statistics for {missing[0]} (was ActivationStats run on this graph?)"
+        if why is None:
+            tied = [t for t in site.source_tensors + [c.weight for c in site.consumers] if t in aliases]
+            if tied:
+                why = f"{tied[0]} is shared with {aliases[tied[0]]}: scaling it would change both"
+        return why
+
+    def _equalize(self, gm: fx.GraphModule, site: _Site, stats: dict[str, Any],
+                  sample: torch.Tensor | None) -> dict[str, Any]:
+        """Compute the site's scale (searching its strength when ``sample`` is given) and fold it."""
+        site_stats = _distinct([stats[c.module] for c in site.consumers])
+        r_x = _activation_range(site_stats, site.channel_map, site.channels, self.range_stat)
+        r_w = _weight_range([c.weight_tensor(gm) for c in site.consumers], site.channel_map,
+                            site.channels, self.range_stat)
+        s, dead, clamped = equalization_scale(r_x, r_w, self.method, self.alpha, self.min_scale,
+                                              self.max_scale)
+        extra: dict[str, Any] = {}
+        if sample is not None:
+            absmax = torch.stack([st.absmax.float() for st in site_stats]).amax(dim=0)
+            t, errors = choose_strength(sample, [c.weight_tensor(gm).detach() for c in site.consumers],
+                                        s[site.channel_map], self.strengths, self._target, absmax,
+                                        (self.min_scale, self.max_scale))
+            s = s.pow(t).clamp(self.min_scale, self.max_scale)
+            extra = {"strength": t, "error at t": round(errors[t], 6),
+                     "error at t=1": round(errors.get(1.0, float("nan")), 6),
+                     "error at t=0": round(errors.get(0.0, float("nan")), 6)}
+        s_cols = s[site.channel_map]
+        with torch.no_grad():
+            site.fold_source(gm, s)                          # X' = X / s
+            for c in site.consumers:                         # W' = W * s (input columns)
+                w = c.weight_tensor(gm)
+                set_tensor(gm, c.weight, w * s_cols.to(w.dtype)[None, :])
+            for st in site_stats:
+                _divide_stats(st, s_cols)
+        return {"site": site.kind, "source": site.source,
+                "consumers": ", ".join(_short(c.module) for c in site.consumers),
+                "channels": site.channels, "s min": float(s.min()), "s median": float(s.median()),
+                "s max": float(s.max()), "clamped": int(clamped.sum()), "dead": int(dead.sum()),
+                **extra, "_position": site.position}
+
+    def _search_layerwise(self, gm: fx.GraphModule, ctx: CompileContext, sites: list[_Site],
+                          stats: dict[str, Any]) -> list[dict[str, Any]]:
+        """Layer by layer: sample each site's float input, then search and fold its sites."""
+        if ctx.calibration is None:
+            raise PipelineError("Equalize(search=...) measures the quantized error on calibration data: "
+                                "pass calibration=... to compile(), or drop search")
+        runner = LayerwiseRunner(gm, ctx.calibration)
+        where = {n: g.name for g in runner.groups for n in g.nodes}
+        by_group: dict[str, list[_Site]] = {}
+        for site in sites:
+            by_group.setdefault(where.get(site.consumers[0].input, "?"), []).append(site)
+        if "?" in by_group:
+            raise ValueError(f"Equalize: the input of {by_group['?'][0].consumers[0].module} is not in "
+                             "the layer partition; cannot sample it")
+        stride = -(-ctx.calibration.tokens // self.search_tokens)
+        order = {g.name: i for i, g in enumerate(runner.groups)}
+        last = max(order[name] for name in by_group) if by_group else -1
+        rows: list[dict[str, Any]] = []
+        for group in runner.groups[:last + 1]:
+            todo = by_group.get(group.name, [])
+            if todo:
+                samples = {site.consumers[0].input: TokenSample(stride) for site in todo}
+                runner.run(group, {node: smp.add for node, smp in samples.items()},
+                           desc=f"equalize {group.name}")
+                for site in todo:  # already in reverse graph order
+                    rows.append(self._equalize(gm, site, stats, samples[site.consumers[0].input].tensor()))
+                del samples
+            runner.commit(group)
+        return rows
+
+
+def _label(site: _Site) -> str:
+    return f"{site.kind} {site.source} -> {', '.join(_short(c.module) for c in site.consumers)}"
+
+
+def _describe(t: SearchTarget) -> str:
+    w = f"W{t.w_bits}" + ("" if isinstance(t.w_granularity, PerRow) else f" g{t.w_granularity.size}")
+    return w + ("A16" if t.weight_only else f"A{t.a_bits}")
 
 
 def _distinct(items: list[Any]) -> list[Any]:

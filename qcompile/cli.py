@@ -106,6 +106,8 @@ def cmd_compile(args) -> None:
     if out:
         import torch
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.float_dtype]
+        if dtype is not None:  # the saved model is what this process holds: load(out) gives equal outputs
+            qcompile.serialize.round_floats(gm, dtype)
         try:
             qcompile.save(gm, out, tokenizer=tok, float_dtype=dtype, overwrite=args.force)
         except qcompile.SerializationError as err:

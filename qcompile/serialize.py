@@ -25,13 +25,17 @@ import torch.fx as fx
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save", "load", "SerializationError", "FORMAT_VERSION"]
+__all__ = ["save", "load", "round_floats", "SerializationError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 # small, JSON-able analyses kept with the model (for `qcompile report`)
 _SAVED_ANALYSES = ("layer_report", "activation_profiles")
 MANIFEST = "qcompile.json"
 TENSORS = "tensors.safetensors"
+
+# float buffers the lowering adds (per-channel scales, row sums, outlier columns): stored in the
+# storage dtype like parameters; every other float buffer (e.g. rotary inv_freq) stays exact
+_QUANT_FLOAT_BUFFERS = ("scale", "w_scale", "zero", "row_sum", "outlier_weight", "act_scale", "bias")
 
 # Python callables a graph may call, resolvable by name on load (nothing else is imported)
 _CALLABLE_MODULES = {"operator": operator, "_operator": operator, "builtins": builtins, "math": math,
@@ -174,9 +178,11 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
          float_dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write ``gm`` to ``directory`` (created atomically).
 
-    ``float_dtype``: store unquantized float tensors (embeddings, norms, lm_head, outlier columns)
-    in this dtype (e.g. ``torch.float16``) and cast them back on load; integer tensors are stored
-    as they are. ``None`` keeps every tensor exact.
+    ``float_dtype``: store float parameters (embeddings, norms, lm_head, biases) and the
+    lowering's float tensors (scales, row sums, outlier columns) in this dtype (e.g.
+    ``torch.float16``) and cast them back on load; integer tensors and other float buffers (rotary
+    frequencies) are stored as they are. ``None`` keeps every tensor exact. Call
+    ``round_floats(gm, float_dtype)`` first to make the in-memory model equal the loaded one.
     """
     target = Path(directory)
     if target.exists() and not overwrite:
@@ -200,7 +206,8 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
             entry["alias_of"] = by_storage[key]
         else:
             by_storage[key] = name
-            stored = t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
+            rounded = float_dtype is not None and t.is_floating_point() and _storage_rounded(name, params)
+            stored = t.to(float_dtype) if rounded else t
             tensors[name] = stored.contiguous().cpu()
             entry["stored_dtype"] = str(stored.dtype).replace("torch.", "")
         entries[name] = entry
@@ -229,6 +236,29 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _stored_floats(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    named = dict(gm.named_parameters(remove_duplicate=False))
+    named.update(dict(gm.named_buffers(remove_duplicate=False)))
+    return {n: t for n, t in named.items() if t.is_floating_point() and _storage_rounded(n, params)}
+
+
+def _storage_rounded(name: str, params: set[str]) -> bool:
+    return name in params or name.rsplit(".", 1)[-1] in _QUANT_FLOAT_BUFFERS
+
+
+def round_floats(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
+    """Round, in place, every tensor ``save(gm, dir, float_dtype=dtype)`` stores in ``dtype``.
+
+    The tensors keep their dtype; their values become exactly representable in ``dtype``, so the
+    model's outputs equal those of ``load(dir)`` bit for bit. Returns ``gm``.
+    """
+    with torch.no_grad():
+        for t in _stored_floats(gm).values():
+            t.copy_(t.to(dtype).to(t.dtype))
+    return gm
 
 
 def _normal_permissions(root: Path) -> None:

@@ -58,6 +58,22 @@ def test_quantized_weights_stored_as_integers_and_16bit_floats(tmp_path):
         assert torch.allclose(loaded(ids), gm(ids), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_storage_is_exact_after_round_floats(tmp_path, dtype):
+    from safetensors.torch import load_file
+    gm = _compiled(w_bits=4, a_bits=None)
+    inv_freq = gm.get_buffer("model.rotary_emb.inv_freq").clone()
+    qcompile.serialize.round_floats(gm, dtype)
+    assert torch.equal(gm.get_buffer("model.rotary_emb.inv_freq"), inv_freq)  # not a weight: kept exact
+    qcompile.save(gm, tmp_path / "m", float_dtype=dtype)
+    stored = load_file(str(tmp_path / "m" / "tensors.safetensors"))
+    assert stored["model.rotary_emb.inv_freq"].dtype == torch.float32
+    assert stored["model.layers.0.mlp.up_proj.scale"].dtype == dtype
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(qcompile.load(tmp_path / "m")(ids), gm(ids))
+
+
 def test_tampered_truncated_and_future_files_rejected(tmp_path):
     gm = _compiled()
     d = qcompile.save(gm, tmp_path / "m")

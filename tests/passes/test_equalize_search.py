@@ -1,0 +1,70 @@
+"""Equalize(search=...): per-site strength chosen by the quantized output error; still exact in float."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import PipelineError
+from qcompile.formats import PerTensor
+from qcompile.passes import ActivationStats, Equalize
+from qcompile.passes.equalize_search import SearchTarget, TokenSample, choose_strength
+from models_for_tests import tiny_llama, tiny_opt
+
+CALIB = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+SEARCHES = [{"w_bits": 8, "a_bits": 8}, {"w_bits": 4, "a_bits": None},
+            {"w_bits": 8, "a_bits": 8, "a_granularity": "per_tensor"}, {"w_bits": 3, "a_bits": None,
+                                                                         "w_granularity": "g128"}]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+@pytest.mark.parametrize("search", SEARCHES, ids=["w8a8", "w4a16", "w8a8-tensor", "w3a16-g128"])
+def test_searched_equalization_keeps_float_logits(make, search):
+    model = make()
+    gm = qcompile.compile(model, calibration=CALIB, passes=[ActivationStats(), Equalize(search=search)])
+    ids = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        assert (gm(ids) - model(input_ids=ids).logits).abs().max() <= 1e-4
+    rec = gm.qcompile_report["Equalize"]
+    assert rec.changed and "strength searched" in rec.notes[0]
+    for row in rec.table:  # the chosen strength is the grid point with the smallest error
+        assert row["strength"] in Equalize().strengths
+        assert row["error at t"] <= min(row["error at t=1"], row["error at t=0"])
+
+
+def test_choose_strength_prefers_no_scaling_when_scaling_hurts_and_full_when_it_helps():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen)
+    w = torch.randn(32, 64, generator=gen)
+    target = SearchTarget.from_config({"w_bits": 4, "a_bits": None})
+    # weight-only, uniform activations: scaling half the columns by 8 only coarsens the rows' steps
+    s = torch.ones(64)
+    s[:32] = 8.0
+    t, errors = choose_strength(x, [w], s, (0.0, 0.5, 1.0), target, None, (1e-2, 1e2))
+    assert t == 0.0 and errors[1.0] > errors[0.0]
+    # W8A8 per token with one huge activation channel: its scale tames the per-token steps
+    x2 = x.clone()
+    x2[:, 3] *= 200.0
+    s2 = torch.ones(64)
+    s2[3] = 30.0
+    target8 = SearchTarget.from_config({"w_bits": 8, "a_bits": 8})
+    t2, errors2 = choose_strength(x2, [w], s2, (0.0, 0.5, 1.0), target8, None, (1e-2, 1e2))
+    assert t2 > 0.0 and errors2[t2] < 0.5 * errors2[0.0]
+
+
+def test_token_sample_keeps_every_strideth_token_per_sequence():
+    smp = TokenSample(3)
+    smp.add(torch.arange(2 * 7 * 2, dtype=torch.float32).reshape(2, 7, 2))
+    got = smp.tensor()
+    assert got.shape == (6, 2) and got[0, 0] == 0 and got[3, 0] == 14  # first token of each sequence
+
+
+def test_search_config_errors_and_calibration_requirement():
+    with pytest.raises(ValueError, match="unknown search fields"):
+        Equalize(search={"bits": 4})
+    with pytest.raises(ValueError, match="w_bits must be 3, 4 or 8"):
+        Equalize(search={"w_bits": 2, "a_bits": None})
+    with pytest.raises(ValueError, match="strengths must be non-negative"):
+        Equalize(strengths=(-1.0,))
+    assert isinstance(SearchTarget.from_config({"a_granularity": "per_tensor"}).a_granularity, PerTensor)
+    with pytest.raises(PipelineError, match="needs calibration data"):
+        qcompile.compile(tiny_llama(), passes=[ActivationStats(), Equalize(search={"w_bits": 8})])
