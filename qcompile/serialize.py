@@ -227,7 +227,7 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
                     "analyses": {k: _jsonable(v) for k, v in getattr(gm, "qcompile_analyses", {}).items()
                                  if k in _SAVED_ANALYSES},
                     "report": str(getattr(gm, "qcompile_report", ""))}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
         _normal_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
