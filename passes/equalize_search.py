@@ -25,7 +25,7 @@ from qcompile.formats import PerRow, PerTensor, PerToken, granularity_from, quan
 
 __all__ = ["SearchTarget", "TokenSample", "DEFAULT_STRENGTHS", "choose_strength"]
 
-DEFAULT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
+DEFAULT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
