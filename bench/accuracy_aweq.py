@@ -18,6 +18,7 @@ random-weight OPT (mechanics only: its perplexity is near the vocabulary size by
               aweqs        AWEQ with each site's strength t (s ** t) searched for this setting
                            on calibration data (Equalize(search=...)); aweqs-norm: norm sites only
               aweq-norm    AWEQ on the norm sites only (ablation); aweq-minmax: max-min ranges
+              +clip        ClipSearch before the lowering (per-row clipping by output error)
               +bec         then BiasCorrection (measured; v_proj left alone, see docs/aweq.md);
                            +becc: closed form; +becv: measured, v_proj corrected too
 
@@ -55,7 +56,7 @@ import qcompile
 from qcompile.calibrate import as_calibration
 from qcompile.evaluate import window_nlls
 from qcompile.pass_manager import CompileContext, PassManager
-from qcompile.passes import ActivationStats, BiasCorrection, Equalize, QuantizeLinears
+from qcompile.passes import ActivationStats, BiasCorrection, ClipSearch, Equalize, QuantizeLinears
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "aweq.md"
@@ -134,8 +135,13 @@ def pipeline(method: str, setting: str, alpha_best: float | None) -> list[Any]:
         passes.append(Equalize(method="smoothquant", alpha=float(base[2:]), sites=("norm",)))
     else:
         raise SystemExit(f"unknown method {base!r} (rtn, sq<alpha>, sqbest, aweq, aweq-norm, aweq-minmax)")
-    passes.append(QuantizeLinears(**_setting(setting)))
+    cfg = _setting(setting)
+    if "clip" in mods:
+        passes.append(ClipSearch(**{k: v for k, v in cfg.items() if k in ("w_bits", "w_granularity", "w_symmetric")}))
+    passes.append(QuantizeLinears(**cfg))
     for mod in mods:
+        if mod == "clip":
+            continue
         if mod == "bec":
             passes.append(BiasCorrection(mode="measured"))
         elif mod == "becc":
@@ -143,7 +149,7 @@ def pipeline(method: str, setting: str, alpha_best: float | None) -> list[Any]:
         elif mod == "becv":
             passes.append(BiasCorrection(mode="measured", correct_values=True))
         else:
-            raise SystemExit(f"unknown modifier +{mod} (+bec, +becc, +becv)")
+            raise SystemExit(f"unknown modifier +{mod} (+clip, +bec, +becc, +becv)")
     return passes
 
 

@@ -2,6 +2,7 @@
 
 from qcompile.passes.activation_stats import ActivationStats, ChannelStats
 from qcompile.passes.bias_correction import BiasCorrection
+from qcompile.passes.clip_search import ClipSearch
 from qcompile.passes.equalize import Equalize
 from qcompile.passes.gptq import GPTQ, GPTQRecord
 from qcompile.passes.layer_report import LayerReport
@@ -9,6 +10,6 @@ from qcompile.passes.quantize_linears import LinearScheme, QuantizeLinears
 from qcompile.passes.reorder_outliers import ReorderOutliers
 from qcompile.passes.select_outliers import SelectOutliers
 
-__all__ = ["ActivationStats", "ChannelStats", "Equalize", "BiasCorrection",
+__all__ = ["ActivationStats", "ChannelStats", "Equalize", "BiasCorrection", "ClipSearch",
            "QuantizeLinears", "LinearScheme", "SelectOutliers",
            "ReorderOutliers", "GPTQ", "GPTQRecord", "LayerReport"]

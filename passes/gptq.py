@@ -163,8 +163,8 @@ class GPTQ(Pass):
             runner.run(layer, observe={x: acc.add}, stop=x)
             return
         # the input was computed by an earlier group and is cached for this one
-        for env in runner._envs:  # noqa: SLF001 - the runner keeps cross-layer values here
-            acc.add(env[x])
+        for value in runner.cached(x):
+            acc.add(value)
 
     def _round_group(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict,
                      stats: dict, records: dict, settings: tuple[int, int, bool, bool]) -> list[dict]:

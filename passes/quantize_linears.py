@@ -153,6 +153,7 @@ class QuantizeLinears(Pass):
         stats = ctx.analyses.get("activation_stats", {})
         outlier_sets = ctx.analyses.get("outliers", {})
         gptq = ctx.analyses.get("gptq", {})
+        clips = ctx.analyses.get("weight_clip", {})
         float_weights = ctx.analyses.setdefault("float_weights", {})
         lowered = ctx.analyses.setdefault("lowered_linears", {})
         rows, skipped = [], []
@@ -166,7 +167,8 @@ class QuantizeLinears(Pass):
                 rows.append(_lower_outlier_linear(gm, site, scheme, outlier_sets.get(site.module),
                                                   gptq.get(site.module)))
             else:
-                rows.append(_lower_linear(gm, site, scheme, stats, gptq.get(site.module)))
+                rows.append(_lower_linear(gm, site, scheme, stats, gptq.get(site.module),
+                                          _clip_for(clips.get(site.module), scheme, site, gm)))
             lowered[site.module] = scheme
         _drop_dead_gathers(gm)
         _drop_unused_weights(gm)
@@ -183,12 +185,21 @@ def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return float("inf") if err == 0 else 10.0 * math.log10(float(sig / err))
 
 
+def _clip_for(record: Any, scheme: LinearScheme, site: LinearSite, gm: fx.GraphModule) -> torch.Tensor | None:
+    """ClipSearch's per-row ratios, if they were searched for this scheme (else None)."""
+    if record is None:
+        return None
+    rows = site.weight_tensor(gm).shape[0]
+    return record.ratio if record.applies_to(scheme.w_bits, scheme.w_granularity, scheme.w_symmetric, rows) else None
+
+
 def _lower_linear(gm: fx.GraphModule, site: LinearSite, scheme: LinearScheme,
-                  stats: dict[str, Any], record: Any = None) -> dict[str, Any]:
+                  stats: dict[str, Any], record: Any = None, clip: torch.Tensor | None = None) -> dict[str, Any]:
     w = site.weight_tensor(gm).detach()
     n, k = w.shape
-    qw = quantize_weight(w, scheme.w_bits, scheme.w_granularity, scheme.w_symmetric)
-    source = "RTN"
+    qw = quantize_weight(w, scheme.w_bits, scheme.w_granularity, scheme.w_symmetric,
+                         clip_ratio=1.0 if clip is None else clip)
+    source = "RTN" if clip is None else "RTN + searched clip"
     if scheme.weight_only and _record_usable(record, w, scheme.w_bits, qw.group_size,
                                              scheme.w_symmetric, outlier_free=True):
         qw = QuantizedWeight(record.q, record.scale, record.zero, scheme.w_bits, qw.group_size)

@@ -12,15 +12,27 @@ of the quantized layer i.
         runner.run(layer, observe={node: fn})  # fn(value) for each batch; nothing is kept
         ... change the layer's weights ...
         runner.commit(layer)                 # run it for real; its outputs feed the next layer
+
+Memory does not grow with the calibration set: once the values kept between groups exceed
+``max_cache_mb`` (default 64 MiB, ``$QCOMPILE_LAYERWISE_CACHE_MB``), they live in a temporary
+directory, one safetensors file per batch, and only the batch being run is in memory.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from qcompile.calibrate import CalibrationSet
 from qcompile.graph_query import layer_partition
@@ -44,7 +56,7 @@ class LayerGroup:
 class LayerwiseRunner:
     """Runs a GraphModule one partition at a time over every calibration batch."""
 
-    def __init__(self, gm: fx.GraphModule, calibration: CalibrationSet):
+    def __init__(self, gm: fx.GraphModule, calibration: CalibrationSet, max_cache_mb: float | None = None):
         if calibration is None:
             raise ValueError("layer-by-layer calibration needs calibration data")
         self.gm = gm
@@ -69,10 +81,36 @@ class LayerwiseRunner:
         if len(placeholders) != 1:
             raise ValueError(f"layer-by-layer calibration expects a graph with one input, got "
                              f"{len(placeholders)}")
-        self._envs: list[dict[fx.Node, object]] = [{placeholders[0]: b}
-                                                   for b in calibration.batches()]
+        self._envs: list[dict[fx.Node, object] | _SpilledEnv] = [{placeholders[0]: b}
+                                                                for b in calibration.batches()]
         self._committed = -1
         self._order = order
+        if max_cache_mb is None:
+            max_cache_mb = float(os.environ.get("QCOMPILE_LAYERWISE_CACHE_MB", 64))
+        self.max_cache_bytes = int(max_cache_mb * 2**20)
+        self._spill_dir: Path | None = None
+
+    # ------------------------------------------------------------ the per-batch cache
+
+    def _env(self, i: int) -> dict[fx.Node, object]:
+        env = self._envs[i]
+        return env.load() if isinstance(env, _SpilledEnv) else env
+
+    def _keep(self, i: int, env: dict[fx.Node, object]) -> None:
+        if self._spill_dir is None and i == 0 and _nbytes(env) * len(self._envs) > self.max_cache_bytes:
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="qcompile-layerwise-"))
+            weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
+        self._envs[i] = env if self._spill_dir is None else _SpilledEnv.write(env, self._spill_dir / f"{i}.st")
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the cached values live on disk (the calibration set exceeded ``max_cache_mb``)."""
+        return self._spill_dir is not None
+
+    def cached(self, node: fx.Node) -> Iterator[Any]:
+        """The value of ``node`` (computed by a committed group) for each batch, one at a time."""
+        for i in range(len(self._envs)):
+            yield self._env(i)[node]
 
     def layers(self) -> Iterator[LayerGroup]:
         """The decoder-layer groups in order; the prefix is committed before the first is given."""
@@ -106,26 +144,28 @@ class LayerwiseRunner:
         ``stop``: end each batch's run right after this node (e.g. the last linear of interest).
         """
         self._check_next(group)
-        batches = progress(self._envs, desc or group.name) if desc else self._envs
-        for env in batches:
-            self._eval(group.nodes, dict(env), observe, stop)
+        indices = range(len(self._envs))
+        for i in (progress(indices, desc or group.name) if desc else indices):
+            self._eval(group.nodes, dict(self._env(i)), observe, stop)
 
     @torch.no_grad()
     def commit(self, group: LayerGroup) -> None:
         """Run ``group`` with the current weights and keep what later groups read."""
         self._check_next(group)
         k = self._order[group.name]
-        for env in self._envs:
+        for i in range(len(self._envs)):
+            env = self._env(i)
             self._eval(group.nodes, env, None, None)
             for node in list(env):
                 if node.op != "placeholder" and self._last_use.get(node, -1) <= k:
                     del env[node]
+            self._keep(i, env)
         self._committed = k
 
     def outputs(self) -> list[object]:
         """After every group is committed: the graph's outputs per batch."""
         out = next(n for n in self.gm.graph.nodes if n.op == "output")
-        return [env[out.args[0]] for env in self._envs]  # type: ignore[index]
+        return list(self.cached(out.args[0]))  # type: ignore[arg-type]
 
     def finish(self) -> None:
         """Commit the remaining groups (suffix), e.g. to read ``outputs()``."""
@@ -137,3 +177,41 @@ class LayerwiseRunner:
         if k != self._committed + 1:
             raise RuntimeError(f"layer group {group.name!r} run out of order: commit the groups "
                                "before it first")
+
+
+def _nbytes(env: Mapping[fx.Node, object]) -> int:
+    leaves, _ = tree_flatten(list(env.values()))
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+class _SpilledEnv:
+    """One batch's cached values on disk: tensors in a safetensors file, the rest in memory."""
+
+    def __init__(self, path: Path, skeleton: dict[fx.Node, tuple[list[Any], Any]]):
+        self.path = path
+        self.skeleton = skeleton
+
+    @classmethod
+    def write(cls, env: Mapping[fx.Node, object], path: Path) -> "_SpilledEnv":
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton: dict[fx.Node, tuple[list[Any], Any]] = {}
+        for node, value in env.items():
+            leaves, spec = tree_flatten(value)
+            for j, leaf in enumerate(leaves):
+                if isinstance(leaf, torch.Tensor):
+                    key = f"{node.name}/{j}"
+                    tensors[key] = leaf.detach().clone().contiguous()  # no shared storage in the file
+                    leaves[j] = _Slot(key)
+            skeleton[node] = (leaves, spec)
+        path.write_bytes(save_bytes(tensors))
+        return cls(path, skeleton)
+
+    def load(self) -> dict[fx.Node, object]:
+        tensors = load_bytes(self.path.read_bytes())
+        return {node: tree_unflatten([tensors[x.key] if isinstance(x, _Slot) else x for x in leaves], spec)
+                for node, (leaves, spec) in self.skeleton.items()}
+
+
+@dataclass(frozen=True)
+class _Slot:
+    key: str

@@ -1,0 +1,138 @@
+"""ClipSearch: per-row weight clipping ratios chosen by each linear's quantized output error.
+
+Round-to-nearest with the full row range wastes levels on a few large weights. For each selected
+linear and each output row i, the pass picks the ratio c in ``ratios`` that minimizes
+
+    err_i(c) = || X (Q_c(W)_i - W_i)^T ||^2        (Q_c: the quantizer with its range times c)
+
+on a sample of the linear's float input X (calibration data, layer by layer), i.e. the output
+error, not the weight error. This is the clipping step of AWQ (Lin et al., arXiv 2306.00978)
+and of QUIK's weight quantizer, measured on the output. It changes nothing in the graph: it
+provides the ``weight_clip`` analysis, which ``QuantizeLinears`` applies when its scheme for a
+linear matches the one searched (bits, granularity, symmetry). GPTQ has its own clipping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from qcompile.formats import Granularity, PerRow, granularity_from, quantize_weight
+from qcompile.graph_query import linear_sites
+from qcompile.layerwise import LayerwiseRunner
+from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
+from qcompile.passes.equalize_search import TokenSample
+from qcompile.targets import matches
+
+__all__ = ["ClipSearch", "ClipRecord", "row_clip_ratios"]
+
+
+@dataclass
+class ClipRecord:
+    """The ratios chosen for one linear and the quantizer they were chosen for."""
+
+    ratio: torch.Tensor          # [N], one per output row
+    bits: int
+    granularity: Granularity
+    symmetric: bool
+
+    def applies_to(self, bits: int, granularity: Granularity, symmetric: bool, rows: int) -> bool:
+        return (self.bits, self.granularity, self.symmetric, self.ratio.numel()) == (
+            bits, granularity, symmetric, rows)
+
+
+@torch.no_grad()
+def row_clip_ratios(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: Granularity,
+                    symmetric: bool, ratios: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the ratio minimizing ||x (Q_c(W) - W)^T||^2; returns (chosen ratio [N], errors [R, N])."""
+    wf = w.detach().float()
+    errs = []
+    for c in ratios:
+        deq = quantize_weight(wf, bits, granularity, symmetric, clip_ratio=c).dequantize()
+        errs.append((x @ (deq - wf).T).pow(2).sum(dim=0))
+    errs_t = torch.stack(errs)                     # [R, N]
+    best = errs_t.argmin(dim=0)
+    return torch.tensor(ratios, dtype=torch.float32)[best], errs_t
+
+
+@register_pass
+@dataclass
+class ClipSearch(Pass):
+    """Per-row clipping ratios for round-to-nearest weights, by measured output error.
+
+    ``w_bits`` / ``w_granularity`` / ``w_symmetric``: the weight quantizer ``QuantizeLinears`` will
+    use. ``ratios``: the grid (1.0 = no clipping). ``targets`` / ``ignore``: module patterns (lm_head
+    ignored by default). ``search_tokens``: calibration tokens sampled per linear input.
+    Provides ``weight_clip`` (module -> ClipRecord). Needs calibration data.
+    """
+
+    w_bits: int = 4
+    w_granularity: Any = PerRow()
+    w_symmetric: bool = True
+    ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=lambda: ["re:(.*\\.)?lm_head"])
+    search_tokens: int = 2048
+
+    kind = PassKind.ANALYSIS
+    provides = ("weight_clip",)
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        self.w_granularity = granularity_from(self.w_granularity)
+        if self.w_bits not in (3, 4, 8):
+            raise ValueError(f"ClipSearch: w_bits must be 3, 4 or 8, got {self.w_bits}")
+        self.ratios = tuple(float(r) for r in self.ratios)
+        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
+            raise ValueError(f"ClipSearch: ratios must be in (0, 1], got {self.ratios}")
+        if self.search_tokens < 1:
+            raise ValueError(f"ClipSearch: search_tokens must be >= 1, got {self.search_tokens}")
+
+    def selected(self, module: str) -> bool:
+        if self.targets is not None and not matches(module, self.targets):
+            return False
+        return not matches(module, self.ignore)
+
+    def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+        if ctx.calibration is None:
+            raise PipelineError("ClipSearch measures output error on calibration data: pass calibration=... "
+                                "to compile()")
+        sites = [s for s in linear_sites(gm) if self.selected(s.module)]
+        if not sites:
+            return PassResult(gm, False, ["no linear selected: nothing to search"])
+        runner = LayerwiseRunner(gm, ctx.calibration)
+        where = {n: g.name for g in runner.groups for n in g.nodes}
+        by_group: dict[str, list[Any]] = {}
+        for s in sites:
+            by_group.setdefault(where.get(s.input, "?"), []).append(s)
+        if "?" in by_group:
+            raise ValueError(f"ClipSearch: the input of {by_group['?'][0].module} is not in the layer "
+                             "partition; cannot sample it")
+        order = {g.name: i for i, g in enumerate(runner.groups)}
+        last = max(order[name] for name in by_group)
+        stride = -(-ctx.calibration.tokens // self.search_tokens)
+        records: dict[str, ClipRecord] = ctx.analyses.setdefault("weight_clip", {})
+        rows: list[dict[str, Any]] = []
+        for group in runner.groups[:last + 1]:
+            todo = by_group.get(group.name, [])
+            if todo:
+                samples = {s.input: TokenSample(stride) for s in todo}
+                runner.run(group, {node: smp.add for node, smp in samples.items()}, desc=f"clip {group.name}")
+                xs = {node: smp.tensor() for node, smp in samples.items()}
+                for s in todo:
+                    w = s.weight_tensor(gm)
+                    ratio, errs = row_clip_ratios(xs[s.input], w, self.w_bits, self.w_granularity,
+                                                  self.w_symmetric, self.ratios + (1.0,))
+                    err, err1 = errs.min(dim=0).values, errs[-1]
+                    records[s.module] = ClipRecord(ratio, self.w_bits, self.w_granularity, self.w_symmetric)
+                    rows.append({"module": s.module, "ratio mean": round(float(ratio.mean()), 3),
+                                 "ratio min": float(ratio.min()), "rows clipped": int((ratio < 1).sum()),
+                                 "output error vs no clip": round(float(err.sum() / err1.sum().clamp_min(1e-30)), 4)})
+                del samples, xs
+            runner.commit(group)
+        note = (f"W{self.w_bits} {self.w_granularity.to_json()}: clipping ratios for {len(rows)} linears; "
+                f"mean output error {sum(r['output error vs no clip'] for r in rows) / len(rows):.3f}x of no clipping")
+        return PassResult(gm, False, [note], rows)
