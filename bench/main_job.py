@@ -1,7 +1,8 @@
-"""The main job: quantize SmolLM2-135M (RTN W8A8), print the per-pass report, and compare
-WikiText-2 perplexity and evaluation time of the float and the compiled model.
+"""The main job: quantize SmolLM2-135M with the recipes (default RTN W8A8 and AWEQ W8A8), print
+each per-pass report, and compare WikiText-2 perplexity and evaluation time of the float and the
+compiled models side by side.
 
-    .venv/bin/python bench/main_job.py [--windows 40] [--data ../shared/data]
+    .venv/bin/python bench/main_job.py [--windows 40] [--recipes rtn-w8a8,aweq-w8a8] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tabulate import tabulate
 
 import qcompile
 import qcompile.progress
-from qcompile.passes import ActivationStats, QuantizeLinears
+from qcompile import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40, help="2048-token test windows (the protocol uses 40)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder with WikiText-2 files")
     ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
+    ap.add_argument("--recipes", default="rtn-w8a8,aweq-w8a8", help="comma-separated recipe names")
     args = ap.parse_args()
     data = Path(args.data)
 
@@ -45,19 +47,24 @@ def main() -> None:
     print(f"loaded SmolLM2-135M in {time.perf_counter() - t0:.1f}s")
     calib = qcompile.data.calibration_windows(tok, qcompile.data.load_text(data / "wikitext2_valid.txt"),
                                               n=args.calib, seq_len=512, seed=0)
-    t0 = time.perf_counter()
-    gm = qcompile.compile(model, calibration=calib, probe=calib[:1, :128],
-                          passes=[ActivationStats(), QuantizeLinears(w_bits=8, a_bits=8)])
-    print(f"compiled (trace + passes) in {time.perf_counter() - t0:.1f}s\n")
-    print(gm.qcompile_report, "\n")
-    print(gm.qcompile_report.diff("QuantizeLinears", max_lines=12), "\n")
+    models: dict[str, torch.nn.Module] = {"FP32": model}
+    for name in args.recipes.split(","):
+        recipe = recipes.get(name.strip())
+        t0 = time.perf_counter()
+        gm = qcompile.compile(model, calibration=calib, probe=calib[:1, :128], passes=recipe)
+        print(f"== {recipe.name}: {recipe.description}\ncompiled (trace + passes) in "
+              f"{time.perf_counter() - t0:.1f}s\n")
+        print(gm.qcompile_report, "\n")
+        for rec in gm.qcompile_report.records:
+            if rec.name != "ActivationStats" and rec.changed:
+                print(gm.qcompile_report.diff(rec.name, max_lines=12), "\n")
+        models[recipe.name] = gm
 
     test = qcompile.data.load_text(data / "wikitext2_test.txt")
     windows = qcompile.data.evaluation_windows(tok, test, 2048, args.windows)
-    models = {"FP32": model, "RTN W8A8 (per-channel weights, per-token activations)": gm}
     nll = {name: [] for name in models}
     seconds = {name: 0.0 for name in models}
-    # side by side: the two models alternate window by window, so load on the machine hits both alike
+    # side by side: the models alternate window by window, so load on the machine hits both alike
     for i in qcompile.progress.progress(range(windows.shape[0]), "perplexity", total=windows.shape[0]):
         for name, m in models.items():
             t0 = time.perf_counter()
