@@ -51,10 +51,10 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
             return p
         return make
 
-    def w_only(bits: int, group: int, gptq: bool) -> Callable[[], list]:
+    def w_only(bits: int, group: int, gptq: bool, clip: bool = False) -> Callable[[], list]:
         def make() -> list:
             gran = PerGroup(group) if group else PerRow()
-            p: list = [GPTQ(w_bits=bits, group_size=group)] if gptq else []
+            p: list = [GPTQ(w_bits=bits, group_size=group, clip=clip)] if gptq else []
             return p + [QuantizeLinears(w_bits=bits, a_bits=None, w_granularity=gran)]
         return make
 
@@ -73,6 +73,7 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
         "quik_8b": ("QUIK-8B: RTN W8A8, 32 outliers", quik(32, False, bits=8)),
         "rtn_w4a16": ("RTN W4A16 per channel", w_only(4, 0, False)),
         "gptq_w4a16": ("GPTQ W4A16 per channel", w_only(4, 0, True)),
+        "gptq_clip_w4a16": ("GPTQ + clip W4A16 per channel", w_only(4, 0, True, clip=True)),
         "rtn_w4a16_g128": ("RTN W4A16 g128", w_only(4, 128, False)),
         "gptq_w4a16_g128": ("GPTQ W4A16 g128", w_only(4, 128, True)),
         "rtn_w3a16": ("RTN W3A16 per channel", w_only(3, 0, False)),
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_windows(tok, valid, args.calib_n, args.calib_len, seed=0)
     windows = evaluation_windows(tok, test, 2048, args.windows)
     command = "python bench/accuracy_quik.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    commit = _git_commit()  # the code this process runs, not HEAD when a row is written
     for key in keys:
         name, make = rows[key]
         passes = make()
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = {"name": name, "windows": done, "ppl": ppl, "compile_s": compile_s,
                             "gptq_s": gptq_s, "gptq_cpu_s": gptq_cpu, "calibration": f"{args.calib_n} x {args.calib_len} valid",
                             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                            "commit": _git_commit(), "device": _device(), "command": command}
+                            "commit": commit, "device": _device(), "command": command}
             _write(results, list(rows), out)
             print(f"{key:22s} ppl {ppl:10.2f}  ({done}/{windows.shape[0]} windows, compile "
                   f"{compile_s:.0f} s" + (f", GPTQ {gptq_s:.0f} s" if gptq_s else "") + ")", flush=True)

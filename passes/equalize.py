@@ -304,7 +304,9 @@ class Equalize(Pass):
             rows = [self._equalize(gm, site, stats, None) for site in active]
         else:
             rows = self._search_layerwise(gm, ctx, active, stats)
-        rows.sort(key=lambda r: r.pop("_position"))  # report in graph order
+        rows.sort(key=lambda r: r["_position"])  # report in graph order
+        for r in rows:
+            del r["_position"]
         done = {k: sum(r["site"] == k for r in rows) for k in SITE_KINDS}
         head = (f"{self.method}" + (f" alpha={self.alpha}" if self.method == "smoothquant" else "")
                 + f", range {self.range_stat}: equalized "
