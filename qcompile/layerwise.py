@@ -157,7 +157,8 @@ class LayerwiseRunner:
             env = self._env(i)
             self._eval(group.nodes, env, None, None)
             for node in list(env):
-                if node.op != "placeholder" and self._last_use.get(node, -1) <= k:
+                # weights (get_attr) are fetched fresh by every run: never cache them
+                if node.op == "get_attr" or (node.op != "placeholder" and self._last_use.get(node, -1) <= k):
                     del env[node]
             self._keep(i, env)
         self._committed = k

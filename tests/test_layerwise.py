@@ -58,3 +58,15 @@ def test_layerwise_passes_give_identical_models_when_spilled(monkeypatch, passes
         with torch.no_grad():
             outs.append(gm(ids))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_weights_are_never_cached_between_groups():
+    from qcompile.layerwise import _nbytes
+    model = tiny_llama(vocab=4096)  # an embedding far larger than the activations
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: read by the first and last groups
+    runner = LayerwiseRunner(qcompile.trace(model), as_calibration(CALIB), max_cache_mb=0)
+    for group in runner.groups[:-1]:
+        runner.commit(group)
+    env = runner._env(0)  # noqa: SLF001 - what one batch keeps
+    assert all(node.op != "get_attr" for node in env)
+    assert _nbytes(env) < model.model.embed_tokens.weight.numel() * 4 / 10
