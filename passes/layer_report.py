@@ -82,14 +82,20 @@ class LayerReport(Pass):
             module = info["module"]
             x, yq = cap.seen[n]
             w = floats[module].to(x.dtype)
+            perm = _input_permutation(gm, n)  # the op gathers its input: the float weight is in that order
+            if perm is not None:
+                x = x[:, perm]
             bias = _bias_of(gm, n)
             yf = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+            w_hat = _effective_weight(gm, n)
+            if perm is not None:
+                w_hat = w_hat[:, perm]
             g = gptq.get(module)
             rows.append({"module": module, "layer": layer_index(n), "kind": module.rsplit(".", 1)[-1],
                          "scheme": info.get("scheme", ""), "w_bits": info.get("w_bits"),
                          "a_bits": info.get("a_bits"),
                          "outliers": int(len(outliers[module])) if module in outliers else 0,
-                         "weight SQNR dB": round(_sqnr_db(floats[module], _effective_weight(gm, n)), 2),
+                         "weight SQNR dB": round(_sqnr_db(floats[module], w_hat), 2),
                          "output SQNR dB": round(_sqnr_db(yf, yq), 2),
                          "GPTQ error": None if g is None else _gptq_error(g)})
         ctx.analyses["layer_report"] = rows
@@ -115,6 +121,14 @@ def _effective_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     with torch.no_grad():
         return (node.target(eye, *args, **node.kwargs) - node.target(torch.zeros(1, k), *args,
                                                                        **node.kwargs)).T
+
+
+def _input_permutation(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The column order a QUIK op gathers its input into (its ``perm`` argument), if any."""
+    if node.target is not torch.ops.qcompile.w4a4_outlier_linear.default or len(node.args) < 7:
+        return None
+    perm = node.args[6]
+    return get_tensor(gm, perm.target).long() if isinstance(perm, fx.Node) and perm.op == "get_attr" else None
 
 
 def _in_features(gm: fx.GraphModule, node: fx.Node) -> int:
