@@ -22,9 +22,8 @@ import torch.fx as fx
 
 from qcompile.formats import Granularity, PerRow, granularity_from, quantize_weight
 from qcompile.graph_query import linear_sites
-from qcompile.layerwise import LayerwiseRunner
+from qcompile.layerwise import layer_samples
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
-from qcompile.passes.equalize_search import TokenSample
 from qcompile.targets import matches
 
 __all__ = ["ClipSearch", "ClipRecord", "row_clip_ratios"]
@@ -103,36 +102,19 @@ class ClipSearch(Pass):
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
         if not sites:
             return PassResult(gm, False, ["no linear selected: nothing to search"])
-        runner = LayerwiseRunner(gm, ctx.calibration)
-        where = {n: g.name for g in runner.groups for n in g.nodes}
-        by_group: dict[str, list[Any]] = {}
-        for s in sites:
-            by_group.setdefault(where.get(s.input, "?"), []).append(s)
-        if "?" in by_group:
-            raise ValueError(f"ClipSearch: the input of {by_group['?'][0].module} is not in the layer "
-                             "partition; cannot sample it")
-        order = {g.name: i for i, g in enumerate(runner.groups)}
-        last = max(order[name] for name in by_group)
-        stride = -(-ctx.calibration.tokens // self.search_tokens)
         records: dict[str, ClipRecord] = ctx.analyses.setdefault("weight_clip", {})
         rows: list[dict[str, Any]] = []
-        for group in runner.groups[:last + 1]:
-            todo = by_group.get(group.name, [])
-            if todo:
-                samples = {s.input: TokenSample(stride) for s in todo}
-                runner.run(group, {node: smp.add for node, smp in samples.items()}, desc=f"clip {group.name}")
-                xs = {node: smp.tensor() for node, smp in samples.items()}
-                for s in todo:
-                    w = s.weight_tensor(gm)
-                    ratio, errs = row_clip_ratios(xs[s.input], w, self.w_bits, self.w_granularity,
-                                                  self.w_symmetric, self.ratios + (1.0,))
-                    err, err1 = errs.min(dim=0).values, errs[-1]
-                    records[s.module] = ClipRecord(ratio, self.w_bits, self.w_granularity, self.w_symmetric)
-                    rows.append({"module": s.module, "ratio mean": round(float(ratio.mean()), 3),
-                                 "ratio min": float(ratio.min()), "rows clipped": int((ratio < 1).sum()),
-                                 "output error vs no clip": round(float(err.sum() / err1.sum().clamp_min(1e-30)), 4)})
-                del samples, xs
-            runner.commit(group)
+        for xs in layer_samples(gm, ctx.calibration, [s.input for s in sites], self.search_tokens, "clip"):
+            for s in sites:
+                if s.input not in xs:
+                    continue
+                ratio, errs = row_clip_ratios(xs[s.input], s.weight_tensor(gm), self.w_bits, self.w_granularity,
+                                              self.w_symmetric, self.ratios + (1.0,))
+                err, err1 = errs.min(dim=0).values, errs[-1]
+                records[s.module] = ClipRecord(ratio, self.w_bits, self.w_granularity, self.w_symmetric)
+                rows.append({"module": s.module, "ratio mean": round(float(ratio.mean()), 3),
+                             "ratio min": float(ratio.min()), "rows clipped": int((ratio < 1).sum()),
+                             "output error vs no clip": round(float(err.sum() / err1.sum().clamp_min(1e-30)), 4)})
         note = (f"W{self.w_bits} {self.w_granularity.to_json()}: clipping ratios for {len(rows)} linears; "
                 f"mean output error {sum(r['output error vs no clip'] for r in rows) / len(rows):.3f}x of no clipping")
         return PassResult(gm, False, [note], rows)

@@ -50,9 +50,9 @@ import torch.fx as fx
 
 from qcompile.formats import PerRow
 from qcompile.graph_query import LinearSite, get_tensor, norm_sites, producer_pairs, set_tensor
-from qcompile.layerwise import LayerwiseRunner
+from qcompile.layerwise import layer_samples
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
-from qcompile.passes.equalize_search import DEFAULT_STRENGTHS, SearchTarget, TokenSample, choose_strength
+from qcompile.passes.equalize_search import DEFAULT_STRENGTHS, SearchTarget, choose_strength
 from qcompile.targets import matches
 
 __all__ = ["Equalize", "equalization_scale"]
@@ -374,28 +374,13 @@ class Equalize(Pass):
         if ctx.calibration is None:
             raise PipelineError("Equalize(search=...) measures the quantized error on calibration data: "
                                 "pass calibration=... to compile(), or drop search")
-        runner = LayerwiseRunner(gm, ctx.calibration)
-        where = {n: g.name for g in runner.groups for n in g.nodes}
-        by_group: dict[str, list[_Site]] = {}
-        for site in sites:
-            by_group.setdefault(where.get(site.consumers[0].input, "?"), []).append(site)
-        if "?" in by_group:
-            raise ValueError(f"Equalize: the input of {by_group['?'][0].consumers[0].module} is not in "
-                             "the layer partition; cannot sample it")
-        stride = -(-ctx.calibration.tokens // self.search_tokens)
-        order = {g.name: i for i, g in enumerate(runner.groups)}
-        last = max(order[name] for name in by_group) if by_group else -1
         rows: list[dict[str, Any]] = []
-        for group in runner.groups[:last + 1]:
-            todo = by_group.get(group.name, [])
-            if todo:
-                samples = {site.consumers[0].input: TokenSample(stride) for site in todo}
-                runner.run(group, {node: smp.add for node, smp in samples.items()},
-                           desc=f"equalize {group.name}")
-                for site in todo:  # already in reverse graph order
-                    rows.append(self._equalize(gm, site, stats, samples[site.consumers[0].input].tensor()))
-                del samples
-            runner.commit(group)
+        inputs = [site.consumers[0].input for site in sites]
+        for xs in layer_samples(gm, ctx.calibration, inputs, self.search_tokens, "equalize"):
+            for site in sites:  # reverse graph order, as the folds require
+                x = xs.get(site.consumers[0].input)
+                if x is not None:
+                    rows.append(self._equalize(gm, site, stats, x))
         return rows
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from qcompile.formats import PerRow, PerTensor, PerToken, granularity_from, quantize_weight
+from qcompile.layerwise import TokenSample  # noqa: F401 - re-exported
 
 __all__ = ["SearchTarget", "TokenSample", "DEFAULT_STRENGTHS", "choose_strength"]
 
@@ -81,21 +82,6 @@ class SearchTarget:
         else:
             scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
         return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
-
-
-class TokenSample:
-    """Keeps every ``stride``-th row of the tensors it is given (each sequence's first token kept)."""
-
-    def __init__(self, stride: int):
-        self.stride = max(1, int(stride))
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, v: torch.Tensor) -> None:
-        seqs = v.detach().reshape(-1, v.shape[-2], v.shape[-1]) if v.dim() >= 3 else v.detach()[None]
-        self.rows.append(seqs[:, ::self.stride].reshape(-1, v.shape[-1]).float())
-
-    def tensor(self) -> torch.Tensor:
-        return torch.cat(self.rows)
 
 
 @torch.no_grad()

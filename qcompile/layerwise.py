@@ -38,7 +38,7 @@ from qcompile.calibrate import CalibrationSet
 from qcompile.graph_query import layer_partition
 from qcompile.progress import progress
 
-__all__ = ["LayerwiseRunner", "LayerGroup"]
+__all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples"]
 
 
 @dataclass
@@ -216,3 +216,47 @@ class _SpilledEnv:
 @dataclass(frozen=True)
 class _Slot:
     key: str
+
+
+class TokenSample:
+    """Keeps every ``stride``-th row of the tensors it is given (each sequence's first token kept)."""
+
+    def __init__(self, stride: int):
+        self.stride = max(1, int(stride))
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, v: torch.Tensor) -> None:
+        seqs = v.detach().reshape(-1, v.shape[-2], v.shape[-1]) if v.dim() >= 3 else v.detach()[None]
+        self.rows.append(seqs[:, ::self.stride].reshape(-1, v.shape[-1]).float())
+
+    def tensor(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def layer_samples(gm: fx.GraphModule, calibration: CalibrationSet, nodes: list[fx.Node], max_tokens: int,
+                  desc: str) -> Iterator[dict[fx.Node, torch.Tensor]]:
+    """Layer by layer, a token sample [T, K] of each of ``nodes`` (at most about ``max_tokens`` rows).
+
+    For every group holding some of ``nodes``, the group is run on the calibration set and
+    ``{node: sample}`` is yielded; the caller may then change the group's weights, and the group is
+    committed (with them) before the next one runs.
+    """
+    runner = LayerwiseRunner(gm, calibration)
+    where = {n: g.name for g in runner.groups for n in g.nodes}
+    by_group: dict[str, list[fx.Node]] = {}
+    for node in dict.fromkeys(nodes):
+        if node not in where:
+            raise ValueError(f"{node.name} is not in the layer partition; cannot sample it layer by layer")
+        by_group.setdefault(where[node], []).append(node)
+    if not by_group:
+        return
+    stride = -(-calibration.tokens // max_tokens)
+    last = max(i for i, g in enumerate(runner.groups) if g.name in by_group)
+    for group in runner.groups[:last + 1]:
+        todo = by_group.get(group.name)
+        if todo:
+            samples = {node: TokenSample(stride) for node in todo}
+            runner.run(group, {node: smp.add for node, smp in samples.items()}, desc=f"{desc} {group.name}")
+            yield {node: smp.tensor() for node, smp in samples.items()}
+            del samples
+        runner.commit(group)
