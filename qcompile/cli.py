@@ -76,7 +76,8 @@ def _compile(args, with_report: bool):
         passes.append(LayerReport())
     t0 = time.perf_counter()
     try:
-        gm = qcompile.compile(model, passes=passes, calibration=calib, probe=calib[:1, :64])
+        # inplace: the CLI's model is its own and unused afterwards; no second float copy
+        gm = qcompile.compile(model, passes=passes, calibration=calib, probe=calib[:1, :64], inplace=True)
     except MemoryError as err:
         raise CLIError(f"out of memory while compiling: lower --calib-windows / --calib-len "
                        f"(now {args.calib_windows} x {args.calib_len})") from err
@@ -84,7 +85,7 @@ def _compile(args, with_report: bool):
         raise CLIError(str(err)) from err
     gm.meta["qcompile_recipe"] = recipe.to_dict()
     gm.meta["qcompile_model_ref"] = args.model
-    return gm, model, tok, time.perf_counter() - t0
+    return gm, tok, time.perf_counter() - t0
 
 
 def _report_table(rows: list[dict[str, Any]]) -> str:
@@ -100,7 +101,7 @@ def cmd_compile(args) -> None:
     out = Path(args.out) if args.out else None
     if out and out.exists() and not args.force:
         raise CLIError(f"{out} already exists; pass --force to replace it")
-    gm, _, tok, seconds = _compile(args, with_report=True)
+    gm, tok, seconds = _compile(args, with_report=True)
     print(gm.qcompile_report)
     print(f"\ncompiled {args.model} with {args.recipe} in {seconds:.1f}s")
     if out:

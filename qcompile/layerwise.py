@@ -15,13 +15,19 @@ of the quantized layer i.
 
 Memory does not grow with the calibration set: once the values kept between groups exceed
 ``max_cache_mb`` (default 64 MiB, ``$QCOMPILE_LAYERWISE_CACHE_MB``), they live in a temporary
-directory, one safetensors file per batch, and only the batch being run is in memory.
+directory, one safetensors file per batch, and only the batch being run is in memory. After
+each commit the C allocator is asked to return freed pages to the system (glibc ``malloc_trim``),
+so that the many per-batch temporaries do not leave the process's resident size growing with
+the number of batches.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -38,7 +44,7 @@ from qcompile.calibrate import CalibrationSet
 from qcompile.graph_query import layer_partition
 from qcompile.progress import progress
 
-__all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples"]
+__all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples", "release_free_memory"]
 
 
 @dataclass
@@ -162,6 +168,7 @@ class LayerwiseRunner:
                     del env[node]
             self._keep(i, env)
         self._committed = k
+        release_free_memory()
 
     def outputs(self) -> list[object]:
         """After every group is committed: the graph's outputs per batch."""
@@ -178,6 +185,25 @@ class LayerwiseRunner:
         if k != self._committed + 1:
             raise RuntimeError(f"layer group {group.name!r} run out of order: commit the groups "
                                "before it first")
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # glibc only; musl has none
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return the allocator's free pages to the OS where the C library allows it (glibc)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _nbytes(env: Mapping[fx.Node, object]) -> int:
@@ -227,7 +253,8 @@ class TokenSample:
 
     def add(self, v: torch.Tensor) -> None:
         seqs = v.detach().reshape(-1, v.shape[-2], v.shape[-1]) if v.dim() >= 3 else v.detach()[None]
-        self.rows.append(seqs[:, ::self.stride].reshape(-1, v.shape[-1]).float())
+        # a copy, never a view: a strided view would keep the whole activation alive per batch
+        self.rows.append(seqs[:, ::self.stride].reshape(-1, v.shape[-1]).to(torch.float32, copy=True))
 
     def tensor(self) -> torch.Tensor:
         return torch.cat(self.rows)

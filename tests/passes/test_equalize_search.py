@@ -58,6 +58,15 @@ def test_token_sample_keeps_every_strideth_token_per_sequence():
     assert got.shape == (6, 2) and got[0, 0] == 0 and got[3, 0] == 14  # first token of each sequence
 
 
+def test_token_sample_holds_copies_not_views_of_the_activation():
+    # a view of one token would keep the whole [1, T, K] activation alive per batch: the sample's
+    # memory would grow with the calibration set instead of with the sample
+    smp = TokenSample(64)
+    for _ in range(3):
+        smp.add(torch.randn(1, 128, 32))
+    assert all(r.untyped_storage().nbytes() == 2 * 32 * 4 for r in smp.rows)
+
+
 def test_search_config_errors_and_calibration_requirement():
     with pytest.raises(ValueError, match="unknown search fields"):
         Equalize(search={"bits": 4})
