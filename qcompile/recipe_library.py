@@ -41,7 +41,8 @@ _TABLE: list[tuple[str, str, list[dict]]] = [
      [{"pass": "gptq", "w_bits": 4}, {"pass": "quantize_linears", "w_bits": 4, "a_bits": None}]),
     ("quik-w4a4", "QUIK-4B: 32 fp16 outlier channels, GPTQ with clipping, W4A4, W8A8 down_proj",
      [{"pass": "activation_stats"}, {"pass": "select_outliers", "k": 32}, {"pass": "reorder_outliers"},
-      {"pass": "gptq", "w_bits": 4, "outliers": "keep_fp16", "clip": True},
+      {"pass": "gptq", "w_bits": 4, "outliers": "keep_fp16", "clip": True,
+       "overrides": {"re:.*down_proj": {"w_bits": 8}}},  # GPTQ rounds down_proj to the 8 bits it is lowered with
       {"pass": "quantize_linears", "w_bits": 4, "a_bits": 4, "outliers": True,
        "overrides": {"re:.*down_proj": {"w_bits": 8, "a_bits": 8}}}]),
     ("quik-w8a8", "QUIK-8B: W8A8 with 32 fp16 outlier channels",

@@ -39,3 +39,16 @@ def test_bad_recipes_rejected_with_field_and_allowed_values():
         recipes.Recipe.from_dict({"version": 9, "passes": []})
     with pytest.raises(recipes.RecipeError, match="unknown recipe 'nope'; built-in recipes: "):
         recipes.get("nope")
+
+
+@pytest.mark.parametrize("name", [n for n in recipes.names()
+                                  if {"gptq", "quantize_linears"} <= {p["pass"] for p in recipes.get(n).to_dict()["passes"]}])
+def test_gptq_rounds_every_linear_to_the_bits_it_is_lowered_with(name):
+    # GPTQ's integers are only used when they match the lowering's scheme; a mismatch (e.g. GPTQ
+    # at 4 bits on a down_proj lowered at 8) silently throws away GPTQ's work on that linear
+    passes = recipes.get(name).passes()
+    gptq = next(p for p in passes if p.name == "GPTQ")
+    lower = next(p for p in passes if p.name == "QuantizeLinears")
+    for module in ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj",
+                   "model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"):
+        assert gptq.settings_for(module)[0] == lower.scheme_for(module).w_bits, module
