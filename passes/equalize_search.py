@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from qcompile.formats import PerRow, PerTensor, PerToken, granularity_from, quantize_weight
-from qcompile.layerwise import TokenSample  # noqa: F401 - re-exported
 
-__all__ = ["SearchTarget", "TokenSample", "DEFAULT_STRENGTHS", "choose_strength"]
+__all__ = ["SearchTarget", "DEFAULT_STRENGTHS", "choose_strength"]
 
 DEFAULT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
 

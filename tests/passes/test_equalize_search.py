@@ -7,7 +7,8 @@ import qcompile
 from qcompile import PipelineError
 from qcompile.formats import PerTensor
 from qcompile.passes import ActivationStats, Equalize
-from qcompile.passes.equalize_search import SearchTarget, TokenSample, choose_strength
+from qcompile.layerwise import TokenSample
+from qcompile.passes.equalize_search import SearchTarget, choose_strength
 from models_for_tests import tiny_llama, tiny_opt
 
 CALIB = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
