@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.formats import unpack_int4
+from qcompile.formats import row_sum as outlier_row_sum, unpack_int4
 from qcompile.kernels.quantize_activations import quantize_per_token_reference
 from qcompile.kernels.w8a8_gemm import int_matmul_reference
 
@@ -37,11 +37,6 @@ def weight_bits_of(qweight: torch.Tensor) -> int:
     if qweight.dtype == torch.int8:
         return 8
     raise TypeError(f"qweight must be uint8 (packed int4) or int8, got {qweight.dtype}")
-
-
-def outlier_row_sum(q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """rowsum(W^)[j] = s_w[j] * sum_i w_int[j, i] (float32 [N]) from integers [N, Kq]."""
-    return w_scale.float() * q.to(torch.int64).sum(dim=1).float()
 
 
 def split_outlier_columns(x: torch.Tensor, k_out: int, outlier_idx: torch.Tensor | None,

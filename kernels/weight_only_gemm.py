@@ -29,26 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qcompile.formats import dequantize_weight, pack_int4, unpack_int4
+from qcompile.formats import dequantize_weight, is_packed as _is_packed, pack_weight, unpack_weight
 
-__all__ = ["unpack_weight", "weight_only_linear_reference", "pack_weight", "weight_only_linear_triton"]
-
-
-def _is_packed(qweight: torch.Tensor, bits: int) -> bool:
-    return bits == 4 or (bits < 4 and qweight.dtype == torch.uint8)
-
-
-def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Lowering-time storage for the kernel: 3- and 4-bit levels packed two per byte
-    (``pack_int4``), 8-bit levels unchanged."""
-    return pack_int4(q) if bits <= 4 else q.contiguous()
-
-
-def unpack_weight(qweight: torch.Tensor, bits: int, in_features: int, asymmetric: bool) -> torch.Tensor:
-    """Stored integer weights -> int8/uint8 [N, K] integers."""
-    if _is_packed(qweight, bits):
-        return unpack_int4(qweight, in_features, signed=not asymmetric)
-    return qweight
+__all__ = ["weight_only_linear_reference", "weight_only_linear_triton"]
 
 
 def weight_only_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
