@@ -1,13 +1,15 @@
-"""The built-in recipes (a declarative table; each step is a registered pass and its params)."""
+"""The built-in recipes: a declarative table, one row per recipe (name, description, steps).
+
+Each step is a registered pass and its parameters. This module is data only and imports nothing
+from qcompile: ``qcompile.recipes`` reads the table once, at its import, and validates every row
+there (a row that fails validation is an error at import, never a recipe silently left out).
+"""
 
 from __future__ import annotations
 
-from qcompile.pass_manager import PipelineError
-from qcompile.recipes import Recipe, register_recipe
+__all__ = ["BUILTIN_RECIPES"]
 
-_LM_HEAD = ["re:(.*\\.)?lm_head"]
-
-_TABLE: list[tuple[str, str, list[dict]]] = [
+BUILTIN_RECIPES: tuple[tuple[str, str, list[dict]], ...] = (
     ("rtn-w8a8", "round-to-nearest int8 weights (per row) and int8 activations (per token)",
      [{"pass": "activation_stats"}, {"pass": "quantize_linears", "w_bits": 8, "a_bits": 8}]),
     ("rtn-w4a16", "round-to-nearest 4-bit weights per row, 16-bit activations",
@@ -48,19 +50,4 @@ _TABLE: list[tuple[str, str, list[dict]]] = [
     ("quik-w8a8", "QUIK-8B: W8A8 with 32 fp16 outlier channels",
      [{"pass": "activation_stats"}, {"pass": "select_outliers", "k": 32}, {"pass": "reorder_outliers"},
       {"pass": "quantize_linears", "w_bits": 8, "a_bits": 8, "outliers": True}]),
-]
-
-
-def _available(recipe: Recipe) -> bool:
-    """Offer a recipe only if every pass and parameter it names exists in this build."""
-    try:
-        recipe.passes()
-    except PipelineError:
-        return False
-    return True
-
-
-for _name, _desc, _steps in _TABLE:
-    _recipe = Recipe(_name, tuple(_steps), _desc)
-    if _available(_recipe):
-        register_recipe(_recipe)
+)

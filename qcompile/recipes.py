@@ -10,6 +10,7 @@ anything runs, naming the field and the allowed values. Dump one, edit it, load 
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from qcompile.formats import Granularity
 from qcompile.pass_manager import Pass, PipelineError, get_pass, registered_passes
+from qcompile.recipe_library import BUILTIN_RECIPES
 
 __all__ = ["Recipe", "RecipeError", "get", "names", "load_file", "register_recipe", "RECIPE_VERSION"]
 
@@ -95,22 +97,41 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-_BUILTIN: dict[str, Recipe] = {}
+def builtin_table(table: tuple[tuple[str, str, list[dict]], ...]) -> dict[str, Recipe]:
+    """Name -> validated Recipe for every row of ``table``; a row that fails validation raises.
+
+    A built-in recipe that does not validate is a bug in this build: it must fail loudly (at
+    import), not vanish from ``names()`` while the tests stay green.
+    """
+    out: dict[str, Recipe] = {}
+    for name, description, steps in table:
+        if name in out:
+            raise RecipeError(f"built-in recipe {name!r} is defined twice")
+        recipe = Recipe(name, tuple(copy.deepcopy(steps)), description)
+        try:
+            recipe.passes()
+        except PipelineError as err:
+            raise RecipeError(f"built-in {err}") from err
+        out[name] = recipe
+    return out
+
+
+_BUILTIN: dict[str, Recipe] = builtin_table(BUILTIN_RECIPES)
 
 
 def register_recipe(recipe: Recipe) -> Recipe:
+    """Add (or replace) a named recipe, validated first."""
+    recipe.passes()
     _BUILTIN[recipe.name] = recipe
     return recipe
 
 
 def names() -> list[str]:
-    _load_builtins()
     return sorted(_BUILTIN)
 
 
 def get(name: str) -> Recipe:
     """A built-in recipe by name (``rtn-w8a8``, ``aweq-w8a8``, ``quik-w4a4`` ...) or a file path."""
-    _load_builtins()
     if name in _BUILTIN:
         return _BUILTIN[name]
     if Path(name).suffix in (".json", ".yaml", ".yml") and Path(name).is_file():
@@ -134,8 +155,3 @@ def load_file(path: str | Path) -> Recipe:
         raise RecipeError(f"{p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {err}") from err
     return Recipe.from_dict(data)
 
-
-def _load_builtins() -> None:
-    if _BUILTIN:
-        return
-    import qcompile.recipe_library  # noqa: F401 - registers the built-in recipes
