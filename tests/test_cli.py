@@ -55,10 +55,33 @@ def test_compile_eval_report_generate(workdir, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     code, stdout, err = _run(capsys, "generate", out, "--prompt", "the quick brown", "--max-new-tokens", "5")
-    assert code == 0, err and stdout.strip()
-    code, stdout2, err = _run(capsys, "generate", out, "--prompt", "the quick brown", "--max-new-tokens", "5",
-                              "--sample", "--seed", "1")
     assert code == 0, err
+    expected = _greedy_without_cache(out, "the quick brown", 5)
+    assert expected and stdout.strip() == expected
+    sampled = []
+    for _ in range(2):
+        code, stdout2, err = _run(capsys, "generate", out, "--prompt", "the quick brown", "--max-new-tokens", "5",
+                                  "--sample", "--seed", "1")
+        assert code == 0, err
+        sampled.append(stdout2)
+    assert sampled[0].strip() and sampled[0] == sampled[1]  # --seed makes sampling repeatable
+
+
+def _greedy_without_cache(saved, prompt, n):
+    """Greedy decoding written independently of the CLI: the saved graph re-run on the whole prefix."""
+    import qcompile
+    from transformers import AutoTokenizer
+    gm = qcompile.load(saved)
+    tok = AutoTokenizer.from_pretrained(saved / "tokenizer")
+    ids = tok(prompt, return_tensors="pt").input_ids
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = gm(ids)[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if int(nxt) == tok.eos_token_id:
+                break
+    return tok.decode(ids[0, start:], skip_special_tokens=True).strip()
 
 
 def test_diff_prints_pass_diffs(workdir, capsys):

@@ -119,10 +119,24 @@ def test_weight_only_lowering(bits, gran, sym):
     mod = gm.get_submodule(nodes[0].meta["qcompile"]["module"])
     if bits == 4:
         assert mod.qweight.dtype == torch.uint8 and mod.qweight.shape[1] == (64 + 1) // 2
-    ids = torch.randint(0, 128, (1, 5))
+    # the reference: the float model with each lowered weight replaced by its dequantized value;
+    # weight-only lowering must compute that function to float rounding
+    ref = _dequantized_weights(model, bits, gran, sym)
+    ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
-        err = (gm(ids) - model(input_ids=ids).logits).abs().max()
-    assert torch.isfinite(err) and err < 5.0
+        out, expect, float_logits = gm(ids), ref(input_ids=ids).logits, model(input_ids=ids).logits
+    scale = expect.abs().max()
+    assert (out - expect).abs().max() <= 1e-4 * scale
+    assert (expect - float_logits).abs().max() > 1e-3 * scale  # the weights were really rounded
+
+
+def _dequantized_weights(model, bits, gran, sym):
+    import copy
+    m = copy.deepcopy(model)
+    for name, lin in m.named_modules():
+        if isinstance(lin, torch.nn.Linear) and not name.endswith("lm_head"):
+            lin.weight.data = quantize_weight(lin.weight.data, bits, gran, sym).dequantize()
+    return m
 
 
 def test_static_activation_scales_need_stats_and_use_them():
