@@ -6,10 +6,10 @@ from qcompile.passes.clip_search import ClipSearch
 from qcompile.passes.equalize import Equalize
 from qcompile.passes.gptq import GPTQ, GPTQRecord
 from qcompile.passes.layer_report import LayerReport
-from qcompile.passes.quantize_linears import LinearScheme, QuantizeLinears
+from qcompile.passes.quantize_linears import LinearSpec, QuantizeLinears
 from qcompile.passes.reorder_outliers import ReorderOutliers
 from qcompile.passes.select_outliers import SelectOutliers
 
 __all__ = ["ActivationStats", "ChannelStats", "Equalize", "BiasCorrection", "ClipSearch",
-           "QuantizeLinears", "LinearScheme", "SelectOutliers",
+           "QuantizeLinears", "LinearSpec", "SelectOutliers",
            "ReorderOutliers", "GPTQ", "GPTQRecord", "LayerReport"]

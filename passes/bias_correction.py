@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import qcompile.kernels.ops  # noqa: F401 - registers torch.ops.qcompile
-from qcompile.formats import dequantize_weight
+from qcompile.formats import LoweredNode, lowered_nodes
 from qcompile.graph_query import get_tensor, set_tensor
 from qcompile.layerwise import LayerGroup, LayerwiseRunner
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
@@ -42,16 +42,9 @@ from qcompile.targets import matches
 
 __all__ = ["BiasCorrection", "lowered_linear_nodes", "attention_value_nodes"]
 
-# lowered op -> (index of the bias argument, name of the bias keyword)
-_BIAS_ARG = {
-    torch.ops.qcompile.w8a8_linear.default: 3,
-    torch.ops.qcompile.weight_only_linear.default: 4,
-}
-
-
 def lowered_linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Every lowered quantized-linear node (w8a8_linear, weight_only_linear), in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BIAS_ARG]
+    """Every lowered quantized-linear node (any registered scheme), in graph order."""
+    return [ln.node for ln in lowered_nodes(gm)]
 
 
 _SDPA = {torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
@@ -83,42 +76,18 @@ def _module_of(node: fx.Node) -> str | None:
     return (node.meta.get("qcompile") or {}).get("module")
 
 
-def _arg(node: fx.Node, index: int, name: str) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name)
-
-
-def _bias_node(node: fx.Node) -> fx.Node | None:
-    return _arg(node, _BIAS_ARG[node.target], "bias")
-
-
 def _current_bias(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    b = _bias_node(node)
-    if b is None:
-        return None
-    if not (isinstance(b, fx.Node) and b.op == "get_attr"):
-        raise ValueError(f"bias of {node.name} is computed in the graph, not a stored tensor")
-    return get_tensor(gm, b.target)
-
-
-def _dequantized_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """W_hat from the stored integers, scales and zeros of a lowered node."""
-    from qcompile.kernels.weight_only_gemm import unpack_weight
-
-    fetch = lambda a: get_tensor(gm, a.target) if isinstance(a, fx.Node) else a  # noqa: E731
-    if node.target is torch.ops.qcompile.w8a8_linear.default:
-        q, w_scale = fetch(node.args[1]), fetch(node.args[2])
-        return q.float() * w_scale.float()[:, None]
-    x, qweight, scale, zero, bias, bits, group, k = (list(node.args) + [None] * 8)[:8]
-    qweight, scale, zero = fetch(qweight), fetch(scale), fetch(zero)
-    q = unpack_weight(qweight, bits, k, zero is not None)
-    return dequantize_weight(q, scale, zero, group)
+    lowered = LoweredNode.of(node)
+    try:
+        return lowered.tensor(gm, lowered.scheme.bias_arg)
+    except ValueError as err:
+        raise ValueError(f"bias of {node.name} is computed in the graph, not a stored tensor") from err
 
 
 def _set_bias(gm: fx.GraphModule, node: fx.Node, module: str, value: torch.Tensor) -> str:
     """Store ``value`` as the node's bias: update the existing tensor, or create ``<module>.bias``."""
-    b = _bias_node(node)
+    lowered = LoweredNode.of(node)
+    b = lowered.arg(lowered.scheme.bias_arg)
     if b is not None:
         old = get_tensor(gm, b.target)
         set_tensor(gm, b.target, value.to(old.dtype))
@@ -134,13 +103,7 @@ def _set_bias(gm: fx.GraphModule, node: fx.Node, module: str, value: torch.Tenso
     with gm.graph.inserting_before(node):
         get = gm.graph.get_attr(target)
     get.meta["qcompile"] = {"module": module}
-    idx = _BIAS_ARG[node.target]
-    if len(node.args) > idx:
-        args = list(node.args)
-        args[idx] = get
-        node.args = tuple(args)
-    else:
-        node.kwargs = {**node.kwargs, "bias": get}
+    lowered.set_arg(lowered.scheme.bias_arg, get)
     return "new"
 
 
@@ -266,7 +229,7 @@ class BiasCorrection(Pass):
         observe: dict[fx.Node, Any] = {}
         inputs: dict[fx.Node, list[_Moments]] = {}
         for node, _ in stage:
-            inputs.setdefault(node.args[0], []).append(moments[node])
+            inputs.setdefault(LoweredNode.of(node).input, []).append(moments[node])
             observe[node] = moments[node].add_y
         in_group = set(group.nodes)
         for x_node, ms in inputs.items():
@@ -287,13 +250,17 @@ class BiasCorrection(Pass):
         with torch.no_grad():
             for node, module in stage:
                 m = moments[node]
-                w = float_weights[module].double()
+                w = float_weights[module].double()  # in the float linear's input order
+                lowered = LoweredNode.of(node)
+                perm = lowered.scheme.input_permutation(lowered.tensors(gm))
+                mean_x = m.mean_x if perm is None else m.mean_x[perm]  # the op gathers its input
                 if self.mode == "measured":
                     bias = _current_bias(gm, node)
-                    y_float = m.mean_x @ w.T + (0.0 if bias is None else bias.double())
+                    y_float = mean_x @ w.T + (0.0 if bias is None else bias.double())
                     delta = m.mean_y - y_float
                 else:
-                    delta = m.mean_x @ (_dequantized_weight(gm, node).double() - w).T
+                    w_hat = lowered.dequantize(gm).double()
+                    delta = mean_x @ ((w_hat if perm is None else w_hat[:, perm]) - w).T
                 bias = _current_bias(gm, node)
                 new = (-delta if bias is None else bias.double() - delta).float()
                 if not torch.isfinite(new).all():
@@ -321,5 +288,5 @@ def _stages(items: list[tuple[fx.Node, str]]) -> list[list[tuple[fx.Node, str]]]
     """Group a layer's linears by shared input, in graph order: [q,k,v], [o], [gate,up], [down]."""
     stages: dict[fx.Node, list[tuple[fx.Node, str]]] = {}
     for node, module in items:  # items are in graph order
-        stages.setdefault(node.args[0], []).append((node, module))
+        stages.setdefault(LoweredNode.of(node).input, []).append((node, module))
     return list(stages.values())

@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from qcompile.graph_query import get_tensor, layer_index
+from qcompile.formats import LoweredNode, lowered_nodes
+from qcompile.graph_query import layer_index
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 
 __all__ = ["LayerReport"]
@@ -31,13 +32,8 @@ def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return 10.0 * math.log10(sig / err) if sig > 0 else float("-inf")
 
 
-def _lowered_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and "qcompile" in n.meta
-            and str(getattr(n.target, "namespace", "")) == "qcompile"]
-
-
 class _Capture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watch: set[fx.Node]):
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, LoweredNode]):
         super().__init__(gm)
         self.watch = watch
         self.seen: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -45,7 +41,7 @@ class _Capture(fx.Interpreter):
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         if n in self.watch:
-            x = self.env[n.args[0]]
+            x = self.env[self.watch[n].input]
             prev = self.seen.get(n)
             pair = (x.detach().reshape(-1, x.shape[-1]), out.detach().reshape(-1, out.shape[-1]))
             self.seen[n] = pair if prev is None else (torch.cat([prev[0], pair[0]]), torch.cat([prev[1], pair[1]]))
@@ -67,8 +63,8 @@ class LayerReport(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         floats: dict[str, torch.Tensor] = ctx.analyses["float_weights"]
-        nodes = [n for n in _lowered_nodes(gm) if n.meta["qcompile"].get("module") in floats]
-        cap = _Capture(gm, set(nodes))
+        nodes = [ln for ln in lowered_nodes(gm) if ln.module in floats]
+        cap = _Capture(gm, {ln.node: ln for ln in nodes})
         with torch.no_grad():
             for i, batch in enumerate(ctx.calibration.batches()):
                 if i >= self.batches:
@@ -77,17 +73,18 @@ class LayerReport(Pass):
         gptq = ctx.analyses.get("gptq", {})
         outliers = ctx.analyses.get("outliers", {})
         rows: list[dict[str, Any]] = []
-        for n in nodes:
+        for ln in nodes:
+            n, module = ln.node, ln.module
             info = n.meta["qcompile"]
-            module = info["module"]
             x, yq = cap.seen[n]
             w = floats[module].to(x.dtype)
-            perm = _input_permutation(gm, n)  # the op gathers its input: the float weight is in that order
+            tensors = ln.tensors(gm)
+            perm = ln.scheme.input_permutation(tensors)  # the op gathers its input: the float weight is in that order
             if perm is not None:
                 x = x[:, perm]
-            bias = _bias_of(gm, n)
+            bias = tensors.get(ln.scheme.bias_arg)
             yf = F.linear(x, w, None if bias is None else bias.to(x.dtype))
-            w_hat = _effective_weight(gm, n)
+            w_hat = ln.dequantize(gm)
             if perm is not None:
                 w_hat = w_hat[:, perm]
             g = gptq.get(module)
@@ -106,44 +103,6 @@ class LayerReport(Pass):
         if worst:
             notes.append(f"lowest output SQNR: {worst['output SQNR dB']} dB at {worst['module']}")
         return PassResult(gm, False, notes)
-
-
-def _effective_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The weight a lowered op applies, read off the op itself: op(I) - op(0) = W_hat^T.
-
-    Exact for every lowered scheme: a one-hot row quantizes without error (per token, symmetric
-    or asymmetric), so only the weight's own rounding remains.
-    """
-    k = int(node.meta["qcompile"].get("in_features") or _in_features(gm, node))
-    args = [get_tensor(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else a
-            for a in node.args[1:]]
-    eye = torch.eye(k)
-    with torch.no_grad():
-        return (node.target(eye, *args, **node.kwargs) - node.target(torch.zeros(1, k), *args,
-                                                                       **node.kwargs)).T
-
-
-def _input_permutation(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The column order a QUIK op gathers its input into (its ``perm`` argument), if any."""
-    if node.target is not torch.ops.qcompile.w4a4_outlier_linear.default or len(node.args) < 7:
-        return None
-    perm = node.args[6]
-    return get_tensor(gm, perm.target).long() if isinstance(perm, fx.Node) and perm.op == "get_attr" else None
-
-
-def _in_features(gm: fx.GraphModule, node: fx.Node) -> int:
-    x = node.args[0]
-    val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if val is not None:
-        return int(val.shape[-1])
-    raise ValueError(f"cannot tell the input width of {node.name}")
-
-
-def _bias_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    for a in node.args[1:]:
-        if isinstance(a, fx.Node) and a.op == "get_attr" and a.target.endswith(".bias"):
-            return get_tensor(gm, a.target)
-    return None
 
 
 def _gptq_error(record: Any) -> float | None:

@@ -15,58 +15,70 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.formats import LoweredNode, LoweredScheme, lowered_nodes
 from qcompile.graph_query import get_tensor
 
 __all__ = ["LoweredLinear", "apply_to_eager", "eager_from_saved"]
 
 
 class LoweredLinear(nn.Module):
-    """Calls a lowered quantized-linear op; its tensor arguments are this module's buffers."""
+    """Calls a lowered scheme's op; its stored tensors are this module's buffers (by the scheme's
+    argument names). ``input_index``: a column gather applied to the input first (ReorderOutliers'
+    gather left in front of an op that does not absorb it)."""
 
-    def __init__(self, op: Any, args: list[Any], tensors: dict[str, torch.Tensor]):
+    def __init__(self, scheme: LoweredScheme, tensors: dict[str, torch.Tensor], constants: dict[str, Any],
+                 input_index: torch.Tensor | None = None):
         super().__init__()
-        self.op = op
-        self._spec = args  # ("tensor", name) or ("const", value), in the op's argument order
+        self.scheme = scheme
+        self.constants = dict(constants)
+        self._tensor_names = tuple(tensors)
         for name, t in tensors.items():
             self.register_buffer(name, t)
+        self.register_buffer("input_index", input_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = [getattr(self, v) if kind == "tensor" else v for kind, v in self._spec]
-        return self.op(x, *args)
+        if self.input_index is not None:
+            x = x.index_select(-1, self.input_index)
+        args = {**self.constants, **{name: getattr(self, name) for name in self._tensor_names}}
+        return self.scheme.call(x, args)
 
     def extra_repr(self) -> str:
-        return str(self.op)
+        return self.scheme.describe()
 
 
-def _lowered_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and "qcompile" in n.meta
-            and str(getattr(n.target, "namespace", "")) == "qcompile"]
+def _input_gathers(gm: fx.GraphModule, lowered: LoweredNode) -> torch.Tensor | None:
+    """The composed column index of the input gathers between a linear's eager input and its op."""
+    index = None
+    x = lowered.input
+    while isinstance(x, fx.Node) and "outlier_gather" in (x.meta.get("qcompile") or {}):
+        idx = x.args[2]
+        if not (isinstance(idx, fx.Node) and idx.op == "get_attr"):
+            raise ValueError(f"{x.name}: the gather index is computed in the graph")
+        step = get_tensor(gm, idx.target).long()
+        index = step if index is None else step[index]  # x[..., step][..., index]
+        x = x.args[0]
+    return index
 
 
 def apply_to_eager(gm: fx.GraphModule, model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Return ``model`` with the compiled graph's quantized linears and changed tensors."""
     out = model if inplace else copy.deepcopy(model)
-    lowered = _lowered_nodes(gm)
-    for node in lowered:
-        if node.args[0] is None or not isinstance(node.args[0], fx.Node):
-            raise ValueError(f"{node.name}: the first argument of a lowered op must be its activation")
-        module = node.meta["qcompile"]["module"]
-        spec, tensors = [], {}
-        for i, a in enumerate(node.args[1:]):
-            if isinstance(a, fx.Node):
-                if a.op != "get_attr":
-                    raise ValueError(f"{node.name}: argument {i + 1} is computed in the graph; "
-                                     "this lowering cannot be applied to the eager model")
-                key = f"arg{i + 1}"
-                tensors[key] = get_tensor(gm, a.target)
-                spec.append(("tensor", key))
-            else:
-                spec.append(("const", a))
+    for lowered in lowered_nodes(gm):
+        if not isinstance(lowered.input, fx.Node):
+            raise ValueError(f"{lowered.node.name}: the first argument of a lowered op must be its activation")
+        module = lowered.module
+        if module is None:
+            raise ValueError(f"{lowered.node.name}: no module name in node.meta['qcompile']")
+        try:
+            tensors = lowered.tensors(gm)
+        except ValueError as err:
+            raise ValueError(f"{err}; this lowering cannot be applied to the eager model") from err
         parent_name, _, child = module.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
         if not isinstance(getattr(parent, child, None), nn.Linear):
             raise ValueError(f"{module} is not an nn.Linear in the eager model")
-        setattr(parent, child, LoweredLinear(node.target, spec, tensors))
+        setattr(parent, child, LoweredLinear(lowered.scheme, tensors, lowered.constants(),
+                                             _input_gathers(gm, lowered)))
     state = out.state_dict()
     with torch.no_grad():
         for node in gm.graph.nodes:
@@ -87,7 +99,7 @@ def eager_from_saved(gm: fx.GraphModule) -> nn.Module:
         raise ValueError("this saved model has no source config; it was not compiled from a HF model")
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "transformers_version"})
     model = AutoModelForCausalLM.from_config(config).eval()
-    lowered = {n.meta["qcompile"]["module"] for n in _lowered_nodes(gm)}
+    lowered = {ln.module for ln in lowered_nodes(gm)}
     provided = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     aliases: dict[int, set[str]] = {}  # tied parameters (embedding / lm_head) share one tensor
     for name, p in model.named_parameters(remove_duplicate=False):
