@@ -1,0 +1,222 @@
+"""The format layer: scheme objects round-trip, a new scheme added in one place works end to end,
+and the eager model with the compiled linears applied computes what the compiled graph computes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import qcompile
+from qcompile import recipes
+from qcompile.eager import apply_to_eager
+from qcompile.formats import (LinearSpec, LoweredNode, LoweredScheme, Lowering, OutlierHybrid, PerGroup,
+                              PerRow, PerTensor, TensorSpec, W8A8, WeightInput, WeightOnly,
+                              dequantize_weight, lowered_nodes, lowered_op_names, quantize_weight,
+                              register_scheme, registered_schemes, scheme_for, scheme_from_json, sqnr_db)
+from qcompile.formats.scheme import _SCHEMES
+from qcompile.passes import ActivationStats, LayerReport, QuantizeLinears
+from models_for_tests import tiny_llama, tiny_opt
+
+CALIB = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model: Any, ids: Tensor) -> Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+@pytest.mark.parametrize("spec,cls", [
+    (LinearSpec(8, 8), W8A8), (LinearSpec(8, 8, a_granularity=PerTensor()), W8A8),
+    (LinearSpec(4, None), WeightOnly), (LinearSpec(3, None, PerGroup(128), False), WeightOnly),
+    (LinearSpec(8, 16), WeightOnly), (LinearSpec(4, 4, outliers=True), OutlierHybrid),
+    (LinearSpec(8, 8, outliers=True), OutlierHybrid)])
+def test_specs_resolve_to_frozen_schemes_that_round_trip_json(spec, cls):
+    scheme = scheme_for(spec)
+    assert type(scheme) is cls
+    assert scheme_from_json(scheme.to_json()) == scheme
+    with pytest.raises(Exception):  # frozen
+        scheme.kind = "other"  # type: ignore[misc]
+    assert all(isinstance(t, TensorSpec) for t in scheme.storage())
+
+
+@pytest.mark.parametrize("spec,match", [(LinearSpec(5, 8), "w_bits must be"), (LinearSpec(5, None), "w_bits must be"),
+                                        (LinearSpec(4, 8, outliers=True), "W4A4 or W8A8"),
+                                        (LinearSpec(8, 8, PerGroup(64)), "per-row")])
+def test_invalid_specs_name_the_problem(spec, match):
+    with pytest.raises(ValueError, match=match):
+        scheme_for(spec)
+
+
+def test_unknown_scheme_json_and_newer_versions_are_refused():
+    with pytest.raises(ValueError, match="unknown lowered scheme"):
+        scheme_from_json({"kind": "nope"})
+    with pytest.raises(ValueError, match="newer"):
+        scheme_from_json({"kind": "w8a8", "version": 99})
+
+
+@pytest.mark.parametrize("scheme", [W8A8(), W8A8(PerTensor()), WeightOnly(4, PerRow(), True),
+                                    WeightOnly(3, PerGroup(16), False), WeightOnly(8, PerGroup(32), True),
+                                    OutlierHybrid(4), OutlierHybrid(8)])
+def test_dequantize_is_what_the_op_applies(scheme):
+    """op(I) - op(0) is the weight the op applies (a one-hot row quantizes exactly); the scheme's
+    dequantize must give the same matrix, on odd shapes."""
+    import qcompile.kernels  # noqa: F401 - registers the ops
+    gen = torch.Generator().manual_seed(3)
+    n, k = 13, 67
+    w = torch.randn(n, k, generator=gen)
+    outliers = torch.tensor([5, 40, 66]) if isinstance(scheme, OutlierHybrid) else None
+    lowering = scheme.quantize(WeightInput(w, act_absmax=torch.full((k,), 3.0), outlier_idx=outliers))
+    args = {**lowering.tensors, **scheme.constants(k, lowering.tensors)}
+    # static activations: a one-hot of 127 steps quantizes exactly
+    unit = float(args["act_scale"]) * 127 if "act_scale" in args else 1.0
+    eye = torch.eye(k) * unit
+    applied = (scheme.call(eye, args) - scheme.call(torch.zeros(1, k), args)).T / unit
+    w_hat = scheme.dequantize(lowering.tensors, k)
+    torch.testing.assert_close(w_hat, applied, rtol=1e-6, atol=1e-6)
+    assert lowering.weight_sqnr_db > (30 if scheme.w_bits == 8 else 8)
+
+
+# ---------------------------------------------------------------- a new scheme, in this file only
+
+@torch.library.custom_op("qcompile_test::w6_group_linear", mutates_args=())
+def _w6_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], group_size: int) -> Tensor:
+    w = dequantize_weight(qweight, scale, None, group_size).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@_w6_linear.register_fake
+def _(x, qweight, scale, bias, group_size):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@dataclass(frozen=True)
+class ToyW6(LoweredScheme):
+    """Weight-only 6-bit symmetric per group, one int8 per value."""
+
+    group: int = 16
+
+    kind = "toy_w6"
+    op_name = "qcompile_test::w6_group_linear"
+    signature = ("qweight", "scale", "bias", "group_size")
+    tensor_args = frozenset({"qweight", "scale", "bias"})
+
+    @property
+    def w_bits(self) -> int:
+        return 6
+
+    def describe(self) -> str:
+        return f"W6A16 g{self.group} (toy)"
+
+    @classmethod
+    def from_spec(cls, spec: LinearSpec) -> "ToyW6 | None":
+        if spec.w_bits != 6 or not spec.weight_only:
+            return None
+        return cls(spec.w_granularity.size if isinstance(spec.w_granularity, PerGroup) else 16)
+
+    def constants(self, in_features: int, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+        return {"group_size": self.group}
+
+    def quantize(self, source: WeightInput) -> Lowering:
+        qw = quantize_weight(source.weight, 6, PerGroup(self.group), True)
+        return Lowering({"qweight": qw.q, "scale": qw.scale.float()}, "RTN", sqnr_db(source.weight, qw.dequantize()))
+
+    def dequantize(self, tensors: Mapping[str, Tensor], in_features: int) -> Tensor:
+        return dequantize_weight(tensors["qweight"], tensors["scale"], None, self.group)
+
+    def storage(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("qweight", torch.int8, "[N, K]"),
+                TensorSpec("scale", torch.float32, "[N, G]", rounded_float=True),
+                TensorSpec("bias", torch.float32, "[N]", rounded_float=True, optional=True))
+
+
+@pytest.fixture
+def toy_scheme():
+    register_scheme(ToyW6)
+    yield ToyW6
+    _SCHEMES.pop(ToyW6.kind, None)
+
+
+def test_new_scheme_in_one_place_lowers_runs_saves_reports_and_applies_to_eager(toy_scheme, tmp_path):
+    model = tiny_llama()
+    gm = qcompile.compile(model, calibration=CALIB,
+                          passes=[QuantizeLinears(w_bits=6, a_bits=None, w_granularity=PerGroup(16)),
+                                  LayerReport()])
+    nodes = lowered_nodes(gm)
+    assert nodes and all(isinstance(ln.scheme, ToyW6) for ln in nodes)
+    assert "qcompile_test::w6_group_linear.default" in lowered_op_names()
+    # runs, and computes the float model with dequantized 6-bit weights
+    ref = tiny_llama()
+    with torch.no_grad():
+        for ln in nodes:
+            ref.get_submodule(ln.module).weight.copy_(ln.dequantize(gm))
+    expect = _logits(ref, IDS)
+    got = _logits(gm, IDS)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5 * float(expect.abs().max()))
+    assert float((got - _logits(model, IDS)).abs().max()) > 0  # it did quantize
+    # reports: every lowered linear, with the lowering's own weight SQNR
+    report = gm.qcompile_analyses["layer_report"]
+    assert {r["module"] for r in report} == {ln.module for ln in nodes}
+    assert all(r["scheme"] == "W6A16 g16 (toy)" and 25 < r["weight SQNR dB"] < 60 for r in report)
+    # saves and loads, bit for bit
+    qcompile.save(gm, tmp_path / "m")
+    loaded = qcompile.load(tmp_path / "m")
+    assert torch.equal(_logits(loaded, IDS), got)
+    # applies to the eager model for generation
+    eager = apply_to_eager(gm, model)
+    torch.testing.assert_close(_logits(eager, IDS), got, rtol=1e-5, atol=1e-5 * float(got.abs().max()))
+
+
+# ---------------------------------------------------------------- eager == compiled, every recipe
+
+def _eager_matches_compiled(model, passes) -> float:
+    gm = qcompile.compile(model, calibration=CALIB, passes=passes)
+    compiled = _logits(gm, IDS)
+    eager = _logits(apply_to_eager(gm, model), IDS)
+    return float((eager - compiled).abs().max() / compiled.abs().max())
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_eager_model_with_compiled_linears_gives_the_compiled_logits(name):
+    assert _eager_matches_compiled(tiny_llama(), recipes.get(name)) < 1e-5
+
+
+def test_eager_applies_an_outlier_gather_left_in_front_of_a_weight_only_op():
+    passes = [ActivationStats(), "select_outliers", "reorder_outliers",
+              QuantizeLinears(w_bits=4, a_bits=None)]
+    model = tiny_llama()
+    gm = qcompile.compile(model, calibration=CALIB, passes=passes)
+    gathered = [ln for ln in lowered_nodes(gm) if isinstance(ln.input, torch.fx.Node)
+                and "outlier_gather" in (ln.input.meta.get("qcompile") or {})]
+    assert gathered, "the pipeline should leave gathers in front of q/k/v"
+    assert _eager_matches_compiled(model, passes) < 1e-5
+
+
+def test_opt_eager_matches_compiled():
+    assert _eager_matches_compiled(tiny_opt(), recipes.get("aweq-w8a8")) < 1e-5
+
+
+def test_lowered_node_reads_arguments_by_name():
+    gm = qcompile.compile(tiny_llama(), calibration=CALIB, passes=[QuantizeLinears(w_bits=4, a_bits=None)])
+    ln = lowered_nodes(gm)[0]
+    assert isinstance(ln, LoweredNode) and ln.arg("bits") == 4 and ln.arg("bias") is None
+    assert set(ln.tensors(gm)) == {"qweight", "scale"}
+    with pytest.raises(KeyError, match="no argument"):
+        ln.arg("w_scale")
+
+
+def test_legacy_nodes_without_a_recorded_scheme_are_inferred():
+    gm = qcompile.compile(tiny_llama(), calibration=CALIB,
+                          passes=[QuantizeLinears(w_bits=3, a_bits=None, w_granularity=PerGroup(32),
+                                                  w_symmetric=False)])
+    for node in gm.graph.nodes:
+        if "format" in (node.meta.get("qcompile") or {}):
+            want = scheme_from_json(node.meta["qcompile"].pop("format"))
+            assert LoweredNode.of(node).scheme == want
+    assert "toy_w6" not in registered_schemes()
