@@ -13,6 +13,9 @@ from qcompile.pass_manager import (CompileContext, Pass, PassError, PassKind, Pa
                                    PipelineError, function_pass, get_pass, register_pass,
                                    registered_passes)
 
+import qcompile.kernels  # noqa: E402,F401 - registers the lowered ops (torch.ops.qcompile)
+import qcompile.passes  # noqa: E402,F401 - registers the built-in passes by name
+
 __version__ = "0.1.0"
 
 __all__ = [
