@@ -9,20 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.data import evaluation_windows
+from qcompile.outputs import logits_of
 from qcompile.progress import progress
 
 __all__ = ["perplexity", "logits_of", "window_nlls"]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, an object with ``.logits``, or a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
 @torch.no_grad()
