@@ -38,7 +38,7 @@ from qcompile.formats import LoweredNode, lowered_nodes
 from qcompile.graph_query import get_tensor, set_tensor
 from qcompile.layerwise import LayerGroup, LayerwiseRunner
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
-from qcompile.targets import matches
+from qcompile.targets import selected
 
 __all__ = ["BiasCorrection", "lowered_linear_nodes", "attention_value_nodes"]
 
@@ -170,9 +170,7 @@ class BiasCorrection(Pass):
             raise ValueError(f"BiasCorrection: mode must be 'measured' or 'closed_form', got {self.mode!r}")
 
     def selected(self, module: str) -> bool:
-        if self.targets is not None and not matches(module, self.targets):
-            return False
-        return not matches(module, self.ignore)
+        return selected(module, self.targets, self.ignore)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         float_weights: dict[str, torch.Tensor] = ctx.require("float_weights", self.name)

@@ -28,7 +28,7 @@ from qcompile.formats import (LinearSpec, LoweredScheme, PerRow, PerTensor, PerT
                               granularity_from, scheme_for)
 from qcompile.graph_query import LinearSite, get_tensor, linear_sites
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
-from qcompile.targets import first_match, matches
+from qcompile.targets import first_match, selected
 
 __all__ = ["QuantizeLinears", "LinearSpec"]
 
@@ -106,9 +106,7 @@ class QuantizeLinears(Pass):
         return scheme_for(self._spec_with(self.overrides[pattern] if pattern else {}))
 
     def selected(self, module: str) -> bool:
-        if self.targets is not None and not matches(module, self.targets):
-            return False
-        return not matches(module, self.ignore)
+        return selected(module, self.targets, self.ignore)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         stats = ctx.analyses.get("activation_stats", {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-__all__ = ["matches", "first_match"]
+__all__ = ["matches", "first_match", "selected"]
 
 
 def _match_one(name: str, pattern: str) -> bool:
@@ -24,3 +24,10 @@ def first_match(name: str, patterns: Iterable[str]) -> str | None:
         if _match_one(name, p):
             return p
     return None
+
+
+def selected(name: str, targets: Iterable[str] | None, ignore: Iterable[str] | None) -> bool:
+    """A pass's module selection: in ``targets`` (``None``: every module) and not in ``ignore``."""
+    if targets is not None and not matches(name, targets):
+        return False
+    return not matches(name, ignore)
