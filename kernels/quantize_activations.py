@@ -94,9 +94,23 @@ def quantize_activations_reference(x: torch.Tensor, bits: int = 8, symmetric: bo
 # Triton. Importing this module never imports triton: ``_load_triton`` imports it and applies
 # ``triton.jit`` on the first launch, so TRITON_INTERPRET may be set any time before that.
 triton = tl = None
-from qcompile.kernels.triton_support import interpreting as _interpreting  # noqa: E402
+from qcompile.kernels import triton_support as ts  # noqa: E402
 
 
+# The columns k0 .. k0 + BLOCK_K of BLOCK_M rows: (x as float32, 0 where masked; kk; ok), ok
+# false past K, past M, and at outlier columns (MASK_OUTLIERS); with HAS_COLMAP column kk reads x's
+# column cmap[kk].
+def _load_x_tile(x_row, omask_ptr, cmap_ptr, k0, K, stride_xk, row_ok, BLOCK_K: tl.constexpr,
+                 MASK_OUTLIERS: tl.constexpr, HAS_COLMAP: tl.constexpr):
+    kk = k0 + tl.arange(0, BLOCK_K)
+    ok = row_ok[:, None] & (kk < K)[None, :]
+    if MASK_OUTLIERS:
+        ok = ok & (tl.load(omask_ptr + kk, mask=kk < K, other=1) == 0)[None, :]
+    src = kk
+    if HAS_COLMAP:
+        src = tl.load(cmap_ptr + kk, mask=kk < K, other=0)
+    x = tl.load(x_row + src[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+    return x, kk, ok
 
 
 # One program per BLOCK_M rows; no autotuning (a memory-bound row kernel: the launcher picks
@@ -110,7 +124,6 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, omask_ptr, oidx_ptr
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    cols = tl.arange(0, BLOCK_K)
     x_row = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     if STATIC:  # calibrated per-tensor scale, saturating at the full signed range
         scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
@@ -124,14 +137,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, omask_ptr, oidx_ptr
             lo = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
             hi = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + cols
-            ok = row_ok[:, None] & (kk < K)[None, :]
-            if MASK_OUTLIERS:
-                ok = ok & (tl.load(omask_ptr + kk, mask=kk < K, other=1) == 0)[None, :]
-            src = kk
-            if HAS_COLMAP:
-                src = tl.load(cmap_ptr + kk, mask=kk < K, other=0)
-            x = tl.load(x_row + src[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+            x, kk, ok = _load_x_tile(x_row, omask_ptr, cmap_ptr, k0, K, stride_xk, row_ok, BLOCK_K,
+                                     MASK_OUTLIERS, HAS_COLMAP)
             if SYMMETRIC:
                 amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             else:
@@ -153,14 +160,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, omask_ptr, oidx_ptr
         tl.store(scale_ptr + rows, scale, mask=row_ok)
     # pass 2: integers (the tile is re-read from cache when K > BLOCK_K; one tile otherwise)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + cols
-        ok = row_ok[:, None] & (kk < K)[None, :]
-        if MASK_OUTLIERS:
-            ok = ok & (tl.load(omask_ptr + kk, mask=kk < K, other=1) == 0)[None, :]
-        src = kk
-        if HAS_COLMAP:
-            src = tl.load(cmap_ptr + kk, mask=kk < K, other=0)
-        x = tl.load(x_row + src[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
+        x, kk, ok = _load_x_tile(x_row, omask_ptr, cmap_ptr, k0, K, stride_xk, row_ok, BLOCK_K,
+                                 MASK_OUTLIERS, HAS_COLMAP)
         if not STATIC:
             if not SYMMETRIC:
                 x = x - lo[:, None]
@@ -191,22 +192,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, omask_ptr, oidx_ptr
 
 def _load_triton() -> None:
     """Import triton and jit this file's kernels (once, on the first launch)."""
-    global triton, tl, _quantize_rows_kernel
-    if triton is not None:
-        return
-    import triton as _triton
-    import triton.language as _tl
-    if _interpreting() and type(_tl.standard.cdiv).__name__ != "InterpretedFunction":
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton had been imported (torch._dynamo, "
-                           "i.e. torch.compile/export, imports it): set it before triton is first imported")
-    triton, tl = _triton, _tl
-    _quantize_rows_kernel = triton.jit(_quantize_rows_kernel)
-
-
-def _check_launchable(x: torch.Tensor, op: str) -> None:
-    if x.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"{op}: the Triton kernel needs CUDA tensors (got {x.device}); "
-                           "set TRITON_INTERPRET=1 before importing triton to run it on the CPU")
+    ts.load_kernels(globals(), jit=("_load_x_tile", "_quantize_rows_kernel"))
 
 
 def quantize_activations_triton(x: torch.Tensor, bits: int = 8, symmetric: bool = True,
@@ -235,7 +221,7 @@ def quantize_activations_triton(x: torch.Tensor, bits: int = 8, symmetric: bool 
     if static_scale is not None and (not symmetric or static_scale.numel() != 1):
         raise ValueError(f"{op}: static_scale is one symmetric per-tensor scale, got "
                          f"{static_scale.numel()} values (symmetric={symmetric})")
-    _check_launchable(x, op)
+    ts.check_launchable(op, x)
     m, k = x.shape
     n_out = 0 if outlier_idx is None else outlier_idx.numel()
     if col_map is not None:
@@ -266,7 +252,7 @@ def quantize_activations_triton(x: torch.Tensor, bits: int = 8, symmetric: bool 
     if m == 0:
         return q, scale, zero, outliers
     _load_triton()
-    block_k = min(triton.next_power_of_2(k), 4096 if _interpreting() else 8192)
+    block_k = min(triton.next_power_of_2(k), 4096 if ts.interpreting() else 8192)
     block_k = max(block_k, 16)
     block_m = max(1, min(triton.next_power_of_2(m), 8192 // block_k, 16))
     dummy = scale

@@ -97,15 +97,8 @@ def w4a4_outlier_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scal
 # and weights unpacked to int8 in registers, int8 ``tl.dot`` into an int32 tile, the float GEMM
 # over the outlier columns into a float32 tile of the same output block, and the epilogue above.
 # Importing this module never imports triton: ``_load_triton`` jits on the first launch.
-
-
 triton = tl = None
-from qcompile.kernels.triton_support import interpreting as _interpreting, m_bucket as _m_bucket  # noqa: E402
-
-
-
-
-
+from qcompile.kernels import triton_support as ts  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): Hopper int8 wgmma wants
 # num_warps % 4 == 0, BLOCK_M % 64 == 0, BLOCK_K >= 32; BLOCK_M = 16 rows serve decode.
@@ -114,14 +107,6 @@ _W4A4_CONFIGS = [
     (64, 64, 256, 8, 4, 3),
     (16, 64, 256, 1, 4, 4), (16, 128, 256, 1, 4, 3), (16, 32, 512, 1, 4, 3),
 ]
-
-
-def _prune_w4a4(configs, named_args, **kwargs):
-    """Keep the few configs whose tile suits the M bucket (no autotuning storm); one when interpreting."""
-    m_bucket = named_args["M_BUCKET"]
-    want_m = 16 if m_bucket <= 16 else (64 if m_bucket <= 64 else None)
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == want_m if want_m else c.kwargs["BLOCK_M"] >= 64)]
-    return kept[:1] if _interpreting() else kept
 
 
 # acc[m, n] = sum_i q[m, i] w_int[n, i] (int32, exact) over the KQ quantized columns;
@@ -137,39 +122,21 @@ def _w4a4_outlier_gemm_kernel(a_ptr, b_ptr, xo_ptr, wo_ptr, st_ptr, mt_ptr, sw_p
                               OUT_F32: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KO: tl.constexpr,
                               GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+    offs_m, offs_n, rm, rn = ts.grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M  # wrapped rows and columns: loads need no M/N mask, stores are masked
-    rn = offs_n % N
     a_rows = a_ptr + rm[:, None].to(tl.int64) * stride_am
     b_rows = b_ptr + rn[:, None].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if HAS_INT:
-        k_per_split = tl.cdiv(tl.cdiv(KQ, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_begin = pid_k * k_per_split
-        k_end = tl.minimum(KQ, k_begin + k_per_split)
+        k_begin, k_end = ts.split_k_range(KQ, BLOCK_K, SPLIT_K)
         for k in range(k_begin, k_end, BLOCK_K):
-            pk = k // 2 + tl.arange(0, BLOCK_K // 2)
             kk = k + tl.arange(0, BLOCK_K)
-            if A_PACKED:  # byte j: column 2j in the low nibble, 2j + 1 in the high one (signed)
-                ab = tl.load(a_rows + pk[None, :], mask=(pk < (k_end + 1) // 2)[None, :], other=0).to(tl.int32)
-                a = tl.reshape(tl.join(((ab & 0xF) ^ 8) - 8, (((ab >> 4) & 0xF) ^ 8) - 8),
-                               (BLOCK_M, BLOCK_K)).to(tl.int8)
+            if A_PACKED:  # signed nibbles, unpacked to int8 in registers
+                a = ts.load_int4_tile(a_rows, k, k_end, BLOCK_M, BLOCK_K, True).to(tl.int8)
             else:
                 a = tl.load(a_rows + kk[None, :], mask=(kk < k_end)[None, :], other=0)
             if B_PACKED:
-                bb = tl.load(b_rows + pk[None, :], mask=(pk < (k_end + 1) // 2)[None, :], other=0).to(tl.int32)
-                b = tl.reshape(tl.join(((bb & 0xF) ^ 8) - 8, (((bb >> 4) & 0xF) ^ 8) - 8),
-                               (BLOCK_N, BLOCK_K)).to(tl.int8)
+                b = ts.load_int4_tile(b_rows, k, k_end, BLOCK_N, BLOCK_K, True).to(tl.int8)
             else:
                 b = tl.load(b_rows + kk[None, :], mask=(kk < k_end)[None, :], other=0)
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
@@ -188,11 +155,10 @@ def _w4a4_outlier_gemm_kernel(a_ptr, b_ptr, xo_ptr, wo_ptr, st_ptr, mt_ptr, sw_p
                 acc_o = tl.dot(xo.to(wo.dtype), tl.trans(wo), acc_o)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K > 1:
-        tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(wsi_ptr + pid_k * M * N + tile, acc, mask=mask)
+        ts.store_partial(wsi_ptr, pid_k, acc, offs_m, offs_n, mask, M, N)
         if HAS_OUT:
             if pid_k == 0:
-                tl.store(wso_ptr + tile, acc_o, mask=mask)
+                ts.store_partial(wso_ptr, 0, acc_o, offs_m, offs_n, mask, M, N)
     else:
         _w4a4_epilogue(acc, acc_o, offs_m, offs_n, mask, st_ptr, mt_ptr, sw_ptr, rs_ptr, bias_ptr, out_ptr,
                        M, N, stride_om, HALF, HAS_INT, HAS_BIAS)
@@ -207,10 +173,7 @@ def _w4a4_epilogue(acc, acc_o, offs_m, offs_n, mask, st_ptr, mt_ptr, sw_ptr, rs_
         sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)
         rs = tl.load(rs_ptr + offs_n, mask=offs_n < N, other=0.0)
         y = ((st[:, None] * sw[None, :]) * acc.to(tl.float32) + (mt + HALF * st)[:, None] * rs[None, :]) + y
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=mask)
+    ts.store_output(y, bias_ptr, out_ptr, offs_m, offs_n, mask, N, stride_om, 1, HAS_BIAS)
 
 
 # Sums the SPLIT_K int32 partials (exact) and applies the epilogue with the outlier tile.
@@ -218,38 +181,19 @@ def _w4a4_splitk_reduce_kernel(wsi_ptr, wso_ptr, st_ptr, mt_ptr, sw_ptr, rs_ptr,
                                stride_om, HALF: tl.constexpr, HAS_INT: tl.constexpr, HAS_OUT: tl.constexpr,
                                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for s in range(SPLIT_K):
-        acc += tl.load(wsi_ptr + s * M * N + tile, mask=mask, other=0)
+    acc, offs_m, offs_n, mask = ts.sum_partials(wsi_ptr, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
     acc_o = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_OUT:
-        acc_o = tl.load(wso_ptr + tile, mask=mask, other=0.0)
+        acc_o = tl.load(wso_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0.0)
     _w4a4_epilogue(acc, acc_o, offs_m, offs_n, mask, st_ptr, mt_ptr, sw_ptr, rs_ptr, bias_ptr, out_ptr,
                    M, N, stride_om, HALF, HAS_INT, HAS_BIAS)
 
 
 def _load_triton() -> None:
     """Import triton and jit this section's kernels (once, on the first launch)."""
-    global triton, tl, _w4a4_outlier_gemm_kernel, _w4a4_epilogue, _w4a4_splitk_reduce_kernel
-    if triton is not None:
-        return
-    import triton as _triton
-    import triton.language as _tl
-    if _interpreting() and type(_tl.standard.cdiv).__name__ != "InterpretedFunction":
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton had been imported (torch._dynamo, "
-                           "i.e. torch.compile/export, imports it): set it before triton is first imported")
-    triton, tl = _triton, _tl
-    _w4a4_epilogue = triton.jit(_w4a4_epilogue)
-    _w4a4_splitk_reduce_kernel = triton.jit(_w4a4_splitk_reduce_kernel)
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-                             num_warps=w, num_stages=s) for bm, bn, bk, g, w, s in _W4A4_CONFIGS]
-    _w4a4_outlier_gemm_kernel = triton.autotune(
-        configs, key=["M_BUCKET", "N", "KQ", "K_OUT", "A_PACKED", "B_PACKED", "SPLIT_K"],
-        prune_configs_by={"early_config_prune": _prune_w4a4})(triton.jit(_w4a4_outlier_gemm_kernel))
+    ts.load_kernels(globals(), jit=("_w4a4_epilogue", "_w4a4_splitk_reduce_kernel"), autotune={
+        "_w4a4_outlier_gemm_kernel": (_W4A4_CONFIGS, ["M_BUCKET", "N", "KQ", "K_OUT", "A_PACKED", "B_PACKED",
+                                                      "SPLIT_K"], ts.prune_by_m_bucket)})
 
 
 def _column_maps(k: int, k_out: int, outlier_idx: torch.Tensor | None, perm: torch.Tensor | None,
@@ -293,13 +237,8 @@ def w4a4_outlier_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: 
                          f"{k_out} outliers ({kq} quantized columns), got {tuple(qweight.shape)}")
     if w_scale.numel() != n or row_sum.numel() != n or (bias is not None and bias.numel() != n):
         raise ValueError(f"{op}: w_scale, row_sum and bias must have N = {n} elements")
-    if x.device != qweight.device or (x.device.type != "cuda" and not _interpreting()):
-        raise RuntimeError(f"{op}: needs x and the weights on one CUDA device (got {x.device}, "
-                           f"{qweight.device}); set TRITON_INTERPRET=1 before importing triton for CPU")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2, out, lead = ts.linear_io(op, x, qweight, k, n)
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     if perm is None and outlier_idx is None:  # QUIK's layout: views, no gather
@@ -319,32 +258,22 @@ def w4a4_outlier_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: 
     _load_triton()
     wo = outlier_weight.contiguous() if k_out else out
     out_f32 = wo.dtype == torch.float32 or x.dtype == torch.float32 or (
-        _interpreting() and torch.bfloat16 in (wo.dtype, x.dtype))  # the interpreter's bf16 dot is wrong
+        ts.interpreting() and torch.bfloat16 in (wo.dtype, x.dtype))  # the interpreter's bf16 dot is wrong
     dummy = out
-    split = split_k if split_k is not None else _split_k(m, n, kq, x.device)
+    split = split_k if split_k is not None else ts.split_k(m, n, kq, x.device, min_k_per_split=1024)
     wsi = torch.empty(split, m, n, dtype=torch.int32, device=x.device) if split > 1 else dummy
     wso = torch.empty(m, n, dtype=torch.float32, device=x.device) if split > 1 and k_out else dummy
     consts = dict(HALF=2 ** (a_bits - 1), HAS_INT=kq > 0, HAS_BIAS=bias is not None)
     ptrs = (st if kq else dummy, mt if kq else dummy, w_scale.float().contiguous(), row_sum.float().contiguous(),
             bias.contiguous() if bias is not None else dummy, out)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
-    _w4a4_outlier_gemm_kernel[grid](
+    _w4a4_outlier_gemm_kernel[ts.gemm_grid(m, n, split)](
         q if kq else dummy, qweight, xo if k_out else dummy, wo, *ptrs, wsi, wso,
-        m, n, kq, k_out, _m_bucket(m), q.stride(0) if kq else 0, qweight.stride(0),
+        m, n, kq, k_out, ts.m_bucket(m), q.stride(0) if kq else 0, qweight.stride(0),
         xo.stride(0) if k_out else 0, xo.stride(1) if k_out else 0, wo.stride(0) if k_out else 0, out.stride(0),
         A_PACKED=a_bits == 4, B_PACKED=w_bits == 4, HAS_OUT=k_out > 0, OUT_F32=out_f32, SPLIT_K=split,
         BLOCK_KO=32, **consts)
     if split > 1:
-        _w4a4_splitk_reduce_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 64))](
-            wsi, wso, *ptrs, m, n, out.stride(0), HAS_OUT=k_out > 0, SPLIT_K=split, BLOCK_M=16, BLOCK_N=64,
-            num_warps=4, **consts)
+        _w4a4_splitk_reduce_kernel[ts.reduce_grid(m, n)](
+            wsi, wso, *ptrs, m, n, out.stride(0), HAS_OUT=k_out > 0, SPLIT_K=split, **ts.REDUCE_META, **consts)
     return out.reshape(*lead, n)
 
-
-def _split_k(m: int, n: int, kq: int, device: torch.device) -> int:
-    """Decode shapes (M <= 16) have few output tiles: split K so ~2 programs per SM are busy."""
-    if m > 16:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = -(-2 * sms // -(-n // 64))
-    return max(1, min(want, kq // 1024 if device.type == "cuda" else kq // 64, 16))

@@ -15,6 +15,7 @@ over a second grid axis; the int32 partials are summed exactly by ``_splitk_redu
 
 from __future__ import annotations
 
+import functools
 
 import torch
 
@@ -80,12 +81,7 @@ def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch
 # Triton. Importing this module never imports triton: ``_load_triton`` imports it and applies
 # ``triton.jit``/``triton.autotune`` on the first launch (TRITON_INTERPRET is read then).
 triton = tl = None
-from qcompile.kernels.triton_support import interpreting as _interpreting, m_bucket as _m_bucket  # noqa: E402
-
-
-
-
-
+from qcompile.kernels import triton_support as ts  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Hopper's int8 wgmma needs
 # num_warps % 4 == 0, BLOCK_M % 64 == 0 and BLOCK_K >= 32; the BLOCK_M = 16 rows are the
@@ -95,17 +91,8 @@ _W8A8_CONFIGS = [
     (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
     (16, 64, 256, 1, 4, 4), (16, 128, 128, 1, 4, 4), (16, 32, 256, 1, 4, 4),
 ]
-
-
-def _prune_w8a8(configs, named_args, **kwargs):
-    """Keep the few configs whose tile suits the M bucket (no autotuning storm); one when interpreting."""
-    m_bucket = named_args["M_BUCKET"]
-    want_m = 16 if m_bucket <= 16 else (64 if m_bucket <= 64 else None)
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == want_m if want_m
-                                   else c.kwargs["BLOCK_M"] >= 64 and c.kwargs["BLOCK_N"] >= 128)]
-    if m_bucket <= 256:
-        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 128] or kept
-    return kept[:1] if _interpreting() else kept
+# large M: only the BLOCK_N >= 128 tiles; M <= 256: prefer BLOCK_N <= 128 (more tiles in flight)
+_prune_w8a8 = functools.partial(ts.prune_by_m_bucket, large_min_n=128, mid_max_n=128)
 
 
 # acc[m, n] = sum_k a[m, k] * b[n, k] (int32, exact). SPLIT_K == 1: y = acc * sa[m] * sb[n] + bias[n]
@@ -116,23 +103,9 @@ def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, ws_ptr, M
                       HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n  # grouped order: GROUP_M row tiles share each B tile in L2
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rm, rn = ts.grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(K, k_begin + k_per_split)
-    rm = offs_m % M  # wrapped rows and columns: loads need no M/N mask, stores are masked
-    rn = offs_n % N
+    k_begin, k_end = ts.split_k_range(K, BLOCK_K, SPLIT_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (k_begin + offs_k)[None, :] * stride_ak
     b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + (k_begin + offs_k)[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -144,76 +117,37 @@ def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, ws_ptr, M
         b_ptrs += BLOCK_K * stride_bk
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K > 1:
-        ws = ws_ptr + pid_k * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(ws, acc, mask=mask)
+        ts.store_partial(ws_ptr, tl.program_id(1), acc, offs_m, offs_n, mask, M, N)
     else:
-        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-        if EPILOGUE:
-            sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
-            sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
-            y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out, acc, mask=mask)
+        _w8a8_epilogue(acc, offs_m, offs_n, mask, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N,
+                       stride_om, stride_on, HAS_BIAS, EPILOGUE)
+
+
+# y = (acc * sa[m]) * sb[n] + bias[n] in float32, stored in out's dtype; acc itself when not EPILOGUE
+# (the launcher allows a bias only with the scales).
+def _w8a8_epilogue(acc, offs_m, offs_n, mask, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr):
+    y = acc
+    if EPILOGUE:
+        sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
+        sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    ts.store_output(y, bias_ptr, out_ptr, offs_m, offs_n, mask, N, stride_om, stride_on, HAS_BIAS)
 
 
 # Sums the SPLIT_K int32 partials (exact, deterministic) and applies the same epilogue.
 def _splitk_reduce_kernel(ws_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
                           HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ws + s * M * N, mask=mask, other=0)
-    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    if EPILOGUE:
-        sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
-        sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
-        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out, acc, mask=mask)
+    acc, offs_m, offs_n, mask = ts.sum_partials(ws_ptr, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
+    _w8a8_epilogue(acc, offs_m, offs_n, mask, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N,
+                   stride_om, stride_on, HAS_BIAS, EPILOGUE)
 
 
 def _load_triton() -> None:
     """Import triton and jit this file's kernels (once, on the first launch)."""
-    global triton, tl, _w8a8_gemm_kernel, _splitk_reduce_kernel
-    if triton is not None:
-        return
-    import triton as _triton
-    import triton.language as _tl
-    if _interpreting() and type(_tl.standard.cdiv).__name__ != "InterpretedFunction":
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton had been imported (torch._dynamo, "
-                           "i.e. torch.compile/export, imports it): set it before triton is first imported")
-    triton, tl = _triton, _tl
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-                             num_warps=w, num_stages=s) for bm, bn, bk, g, w, s in _W8A8_CONFIGS]
-    _w8a8_gemm_kernel = triton.autotune(configs, key=["M_BUCKET", "N", "K", "SPLIT_K"],
-                                        prune_configs_by={"early_config_prune": _prune_w8a8})(
-                                            triton.jit(_w8a8_gemm_kernel))
-    _splitk_reduce_kernel = triton.jit(_splitk_reduce_kernel)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a token value that still exercises split-K
-
-
-def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """Decode shapes (M <= 16) have few output tiles: split K so ~2 programs per SM are busy."""
-    if m > 16:
-        return 1
-    tiles = -(-n // 64)
-    want = -(-2 * _num_sms(device) // tiles)
-    return max(1, min(want, k // 512 if device.type == "cuda" else k // 64, 16))
+    ts.load_kernels(globals(), jit=("_w8a8_epilogue", "_splitk_reduce_kernel"), autotune={
+        "_w8a8_gemm_kernel": (_W8A8_CONFIGS, ["M_BUCKET", "N", "K", "SPLIT_K"], _prune_w8a8)})
 
 
 def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = None,
@@ -226,9 +160,6 @@ def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | N
         raise ValueError(f"{op}: expects a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"{op}: operands must be int8, got {a.dtype} and {b.dtype}")
-    if a.device != b.device or (a.device.type != "cuda" and not _interpreting()):
-        raise RuntimeError(f"{op}: needs both operands on one CUDA device (got {a.device}, {b.device}); "
-                           "set TRITON_INTERPRET=1 before importing triton to run it on the CPU")
     m, k = a.shape
     n = b.shape[0]
     epilogue = a_scale is not None
@@ -245,24 +176,23 @@ def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | N
         raise ValueError(f"{op}: without scales the output is the int32 accumulator (no bias)")
     if k < 16:
         raise ValueError(f"{op}: K = {k} is below tl.dot's minimum of 16")
+    ts.check_launchable(op, a, b)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     _load_triton()
-    split = split_k if split_k is not None else _split_k(m, n, k, a.device)
+    split = split_k if split_k is not None else ts.split_k(m, n, k, a.device)
     ws = torch.empty(split, m, n, dtype=torch.int32, device=a.device) if split > 1 else out
     sa = a_scale.float().contiguous() if epilogue else out
     sb = b_scale.float().contiguous() if epilogue else out
     bias_ = bias.contiguous() if bias is not None else out
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
-    _w8a8_gemm_kernel[grid](a, b, sa, sb, bias_, out, ws, m, n, k, _m_bucket(m),
-                            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-                            HAS_BIAS=bias is not None, EPILOGUE=epilogue, SPLIT_K=split)
+    _w8a8_gemm_kernel[ts.gemm_grid(m, n, split)](
+        a, b, sa, sb, bias_, out, ws, m, n, k, ts.m_bucket(m), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), HAS_BIAS=bias is not None, EPILOGUE=epilogue, SPLIT_K=split)
     if split > 1:
-        bm, bn = 16, 64
-        _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        _splitk_reduce_kernel[ts.reduce_grid(m, n)](
             ws, sa, sb, bias_, out, m, n, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
-            EPILOGUE=epilogue, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            EPILOGUE=epilogue, SPLIT_K=split, **ts.REDUCE_META)
     return out
 
 

@@ -1,16 +1,17 @@
 """Weight-only quantized GEMM (W8/W4/W3 weights, 16/32-bit activations).
 
-Weights are stored as int8 [N, K] (8- and 3-bit) or packed two 4-bit values per byte
-(uint8 [N, ceil(K/2)], column 2i in the low nibble; see ``qcompile.formats.pack_int4``), with
-per-row or per-group scales [N, G] and, for asymmetric formats, zero points [N, G].
+Weights are stored as lowering stores them (``qcompile.formats.pack_weight``): 8-bit levels as
+int8 [N, K] (uint8 when asymmetric), 4- and 3-bit levels packed two per byte (uint8 [N, ceil(K/2)],
+column 2i in the low nibble; ``qcompile.formats.pack_int4``), with per-row or per-group scales
+[N, G] and, for asymmetric formats, zero points [N, G].
 Reference: dequantize to the activation's dtype, then a float GEMM.
 
 Kernel layout: the packed 4-bit layout above IS the kernel's layout (each weight row's bytes are
 contiguous along K, so a [BLOCK_N, BLOCK_K/2] byte tile unpacks in registers with two shifts and an
-interleave). 3-bit weights may be stored either one per byte (int8 [N, K], what lowering stores
-today: correct, but W8's bandwidth) or, preferably, as 4-bit nibbles (uint8 [N, ceil(K/2)] from
-``pack_weight(q, 3)``, the same bytes as W4): ``unpack_weight`` and the kernel tell them apart by
-dtype (uint8 with bits <= 4 means packed; unpacked 3/4-bit levels are int8 even when unsigned).
+interleave). 3-bit weights use the same bytes as W4 (``pack_weight(q, 3)``). Unpacked 3-bit levels,
+one per byte (int8 [N, K], W8's bandwidth), are still accepted: ``unpack_weight`` and the kernel
+tell the two apart by dtype (uint8 with bits <= 4 means packed; unpacked 3-bit levels are int8
+even when unsigned).
 
 The Triton kernel ``_weight_only_gemm_kernel`` dequantizes a weight tile in registers to the
 activation's dtype and runs a float ``tl.dot`` (fp32 accumulate). Per-row scales are applied in
@@ -46,12 +47,7 @@ def weight_only_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: 
 # Triton. Importing this module never imports triton: ``_load_triton`` imports it and applies
 # ``triton.jit``/``triton.autotune`` on the first launch (TRITON_INTERPRET is read then).
 triton = tl = None
-from qcompile.kernels.triton_support import interpreting as _interpreting, m_bucket as _m_bucket  # noqa: E402
-
-
-
-
-
+from qcompile.kernels import triton_support as ts  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_M = 16 rows serve decode
 # (M <= 16, memory-bound: wide K tiles and split-K keep enough weight bytes in flight).
@@ -60,14 +56,6 @@ _WO_CONFIGS = [
     (64, 64, 128, 8, 4, 4),
     (16, 64, 256, 1, 4, 4), (16, 128, 128, 1, 4, 4), (16, 32, 512, 1, 4, 3),
 ]
-
-
-def _prune_wo(configs, named_args, **kwargs):
-    """Keep the few configs whose tile suits the M bucket (no autotuning storm); one when interpreting."""
-    m_bucket = named_args["M_BUCKET"]
-    want_m = 16 if m_bucket <= 16 else (64 if m_bucket <= 64 else None)
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == want_m if want_m else c.kwargs["BLOCK_M"] >= 64)]
-    return kept[:1] if _interpreting() else kept
 
 
 # acc[m, n] = sum_k x[m, k] * w[n, k], w = (q - zero) * scale dequantized per tile (group scales)
@@ -80,22 +68,8 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                              HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = offs_m % M  # wrapped rows and columns: loads need no M/N mask, stores are masked
-    rn = offs_n % N
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(K, k_begin + k_per_split)
+    offs_m, offs_n, rm, rn = ts.grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_begin, k_end = ts.split_k_range(K, BLOCK_K, SPLIT_K)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
     if PER_ROW:
@@ -107,15 +81,7 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
         k_ok = kk < k_end
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
         if PACKED:  # byte j holds columns 2j (low nibble) and 2j + 1 (high nibble)
-            pk = k // 2 + tl.arange(0, BLOCK_K // 2)
-            byte = tl.load(w_rows + pk[None, :], mask=(pk < (k_end + 1) // 2)[None, :], other=0)
-            byte = byte.to(tl.int32)
-            lo = byte & 0xF
-            hi = (byte >> 4) & 0xF
-            if SIGNED:
-                lo = (lo ^ 8) - 8
-                hi = (hi ^ 8) - 8
-            q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+            q = ts.load_int4_tile(w_rows, k, k_end, BLOCK_N, BLOCK_K, SIGNED)
         else:
             q = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0).to(tl.int32)
         w = q.to(tl.float32)
@@ -148,61 +114,28 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K > 1:
-        tl.store(ws_ptr + pid_k * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=mask)
+        ts.store_partial(ws_ptr, tl.program_id(1), acc, offs_m, offs_n, mask, M, N)
     else:
         if PER_ROW:
             acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+        ts.store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask, N, stride_om, 1, HAS_BIAS)
 
 
 # Sums the SPLIT_K float32 partials in a fixed order and applies the epilogue.
 def _wo_splitk_reduce_kernel(ws_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_om,
                              PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ws + s * M * N, mask=mask, other=0.0)
+    acc, offs_m, offs_n, mask = ts.sum_partials(ws_ptr, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
     if PER_ROW:
         acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    ts.store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask, N, stride_om, 1, HAS_BIAS)
 
 
 def _load_triton() -> None:
     """Import triton and jit this file's kernels (once, on the first launch)."""
-    global triton, tl, _weight_only_gemm_kernel, _wo_splitk_reduce_kernel
-    if triton is not None:
-        return
-    import triton as _triton
-    import triton.language as _tl
-    if _interpreting() and type(_tl.standard.cdiv).__name__ != "InterpretedFunction":
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton had been imported (torch._dynamo, "
-                           "i.e. torch.compile/export, imports it): set it before triton is first imported")
-    triton, tl = _triton, _tl
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-                             num_warps=w, num_stages=s) for bm, bn, bk, g, w, s in _WO_CONFIGS]
-    _weight_only_gemm_kernel = triton.autotune(
-        configs, key=["M_BUCKET", "N", "K", "SPLIT_K", "PACKED", "PER_ROW"],
-        prune_configs_by={"early_config_prune": _prune_wo})(triton.jit(_weight_only_gemm_kernel))
-    _wo_splitk_reduce_kernel = triton.jit(_wo_splitk_reduce_kernel)
-
-
-def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """Decode shapes (M <= 16) have few output tiles: split K so ~2 programs per SM stream weights."""
-    if m > 16:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = -(-2 * sms // -(-n // 64))
-    return max(1, min(want, k // 512 if device.type == "cuda" else k // 64, 16))
+    ts.load_kernels(globals(), jit=("_wo_splitk_reduce_kernel",), autotune={
+        "_weight_only_gemm_kernel": (_WO_CONFIGS, ["M_BUCKET", "N", "K", "SPLIT_K", "PACKED", "PER_ROW"],
+                                     ts.prune_by_m_bucket)})
 
 
 def weight_only_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -236,32 +169,26 @@ def weight_only_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         raise ValueError(f"{op}: zero must match scale's shape {tuple(scale.shape)}, got {tuple(zero.shape)}")
     if bias is not None and bias.numel() != n:
         raise ValueError(f"{op}: bias must have N = {n} elements, got {bias.numel()}")
-    if x.device != qweight.device or (x.device.type != "cuda" and not _interpreting()):
-        raise RuntimeError(f"{op}: needs x and the weights on one CUDA device (got {x.device}, "
-                           f"{qweight.device}); set TRITON_INTERPRET=1 before importing triton for CPU")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2, out, lead = ts.linear_io(op, x, qweight, k, n)
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     _load_triton()
-    split = split_k if split_k is not None else _split_k(m, n, k, x.device)
+    split = split_k if split_k is not None else ts.split_k(m, n, k, x.device)
     gsize = 1 if per_row else group_size  # a constexpr: one compiled variant per group size
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     s = scale.float().contiguous()
     z = zero.float().contiguous() if zero is not None else s
     b = bias.contiguous() if bias is not None else s
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
-    _weight_only_gemm_kernel[grid](
-        x2, qweight, s, z, b, out, ws, m, n, k, groups, _m_bucket(m),
+    _weight_only_gemm_kernel[ts.gemm_grid(m, n, split)](
+        x2, qweight, s, z, b, out, ws, m, n, k, groups, ts.m_bucket(m),
         x2.stride(0), x2.stride(1), qweight.stride(0), out.stride(0),
         PACKED=packed, SIGNED=zero is None, PER_ROW=per_row, GROUP_SIZE=gsize,
         POW2_GROUP=gsize & (gsize - 1) == 0, HAS_ZERO=zero is not None,
         HAS_BIAS=bias is not None, SPLIT_K=split,
-        DOT_F32=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()))
+        DOT_F32=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ts.interpreting()))
     if split > 1:
-        _wo_splitk_reduce_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 64))](
-            ws, s, b, out, m, n, out.stride(0), PER_ROW=per_row, HAS_BIAS=bias is not None,
-            SPLIT_K=split, BLOCK_M=16, BLOCK_N=64, num_warps=4)
+        _wo_splitk_reduce_kernel[ts.reduce_grid(m, n)](
+            ws, s, b, out, m, n, out.stride(0), PER_ROW=per_row, HAS_BIAS=bias is not None, SPLIT_K=split,
+            **ts.REDUCE_META)
     return out.reshape(*lead, n)
