@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import qcompile
+from qcompile.formats import pack_int4, row_sum
 from qcompile.kernels import ops
+from qcompile.kernels import w4a4_outlier_gemm as w4
 from qcompile.passes import QuantizeLinears
 
 SCHEMES = {
@@ -100,14 +102,10 @@ def test_importing_the_package_does_not_import_triton():
 
 
 def test_w4a4_outlier_op_dispatches_to_its_triton_kernel(monkeypatch, device):
-    w4 = pytest.importorskip("qcompile.kernels.w4a4_outlier_gemm")
-    if not hasattr(w4, "w4a4_outlier_linear_triton"):
-        pytest.skip("no W4A4 Triton kernel")
-    from qcompile.formats import pack_int4
     m, k, n, k_out = 5, 70, 24, 6
     q = torch.randint(-8, 8, (n, k - k_out), dtype=torch.int8)
     s_w = torch.rand(n) * 0.1 + 0.01
-    args = [t.to(device) for t in (torch.randn(2, m, k), pack_int4(q), s_w, w4.outlier_row_sum(q, s_w),
+    args = [t.to(device) for t in (torch.randn(2, m, k), pack_int4(q), s_w, row_sum(q, s_w),
                                    torch.randn(n, k_out).half())]
     calls = []
     real = w4.w4a4_outlier_linear_triton

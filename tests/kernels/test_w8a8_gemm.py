@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from qcompile.formats import pack_int4, row_sum
+from qcompile.kernels import w4a4_outlier_gemm as w4
 from qcompile.kernels.w8a8_gemm import (int8_gemm_triton, int_matmul_reference, w8a8_linear_reference,
                                         w8a8_linear_triton)
 
@@ -92,17 +94,13 @@ def test_compiles_for_hopper_with_int8_mma_and_async_copies(compile_sm90):
 # ---- W4A4 + fp16 outliers (QUIK): the same int8 tl.dot core, operands unpacked from 4 bits ----
 # (kernel appended to kernels/w4a4_outlier_gemm.py; its reference is QUIK's)
 
-from qcompile.formats import pack_int4  # noqa: E402
-
-
 def _quik_case(m, k, n, k_out, w_bits, dtype, device):
     x = (torch.randn(m, k) * (torch.rand(k) * 3 + 0.1)).to(dtype).to(device)
     lo, hi = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1
     q = torch.randint(lo, hi + 1, (n, k - k_out)).to(torch.int8)
     s_w = torch.rand(n) * 0.1 + 0.01
     qw = pack_int4(q) if w_bits == 4 else q
-    from qcompile.kernels.w4a4_outlier_gemm import outlier_row_sum
-    return (x, qw.to(device), s_w.to(device), outlier_row_sum(q, s_w).to(device),
+    return (x, qw.to(device), s_w.to(device), row_sum(q, s_w).to(device),
             torch.randn(n, k_out).half().to(device), torch.randn(n).to(device))
 
 
@@ -110,7 +108,6 @@ def _quik_case(m, k, n, k_out, w_bits, dtype, device):
 @pytest.mark.parametrize("k_out", [0, 1, 32])
 @pytest.mark.parametrize("bits,layout", [(4, "last"), (4, "idx"), (8, "perm")])
 def test_w4a4_outlier_kernel_matches_reference(device, m, k, n, k_out, bits, layout):
-    w4 = pytest.importorskip("qcompile.kernels.w4a4_outlier_gemm")
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
         x, qw, s_w, rs, w_out, bias = _quik_case(m, k, n, k_out, bits, dtype, device)
         idx = torch.randperm(k)[:k_out].to(device) if layout == "idx" else None
@@ -122,7 +119,6 @@ def test_w4a4_outlier_kernel_matches_reference(device, m, k, n, k_out, bits, lay
 
 
 def test_w4a4_outlier_kernel_errors_name_the_constraint(device):
-    w4 = pytest.importorskip("qcompile.kernels.w4a4_outlier_gemm")
     x, qw, s_w, rs, w_out, bias = _quik_case(3, 64, 8, 4, 4, torch.float32, device)
     with pytest.raises(ValueError, match="a_bits must be 4 or 8"):
         w4.w4a4_outlier_linear_triton(x, qw, s_w, rs, w_out, a_bits=3)
@@ -145,7 +141,6 @@ W4A4_SIGNATURE = {
 
 
 def test_w4a4_outlier_kernel_compiles_for_hopper(compile_sm90):
-    w4 = pytest.importorskip("qcompile.kernels.w4a4_outlier_gemm")
     jobs = [dict(module="qcompile.kernels.w4a4_outlier_gemm", kernel="_w4a4_outlier_gemm_kernel",
                  signature=W4A4_SIGNATURE, num_warps=w, num_stages=s,
                  constexprs=dict(stride_xok=1, A_PACKED=True, B_PACKED=True, HALF=8, HAS_INT=True, HAS_OUT=True,
@@ -161,7 +156,6 @@ def test_w4a4_outlier_kernel_compiles_for_hopper(compile_sm90):
 
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_w4a4_outlier_kernel_split_k_is_exact(device, split_k):
-    w4 = pytest.importorskip("qcompile.kernels.w4a4_outlier_gemm")
     x, qw, s_w, rs, w_out, bias = _quik_case(3, 300, 40, 32, 4, torch.float32, device)
     y = w4.w4a4_outlier_linear_triton(x, qw, s_w, rs, w_out, bias=bias, split_k=split_k)
     ref = w4.w4a4_outlier_linear_reference(x, qw, s_w, rs, w_out, bias=bias)

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from qcompile.formats import PerGroup, PerRow, pack_int4, quantize_weight
-from qcompile.kernels.weight_only_gemm import (pack_weight, unpack_weight, weight_only_linear_reference,
-                                               weight_only_linear_triton)
+from qcompile.formats import PerGroup, PerRow, pack_int4, pack_weight, quantize_weight, unpack_weight
+from qcompile.kernels.weight_only_gemm import weight_only_linear_reference, weight_only_linear_triton
 
 SHAPES = [(1, 100, 37), (7, 130, 65), (33, 200, 129)]  # (M, K, N): K, N off the block sizes
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative L2 error
@@ -49,7 +48,7 @@ def test_pack_weight_is_pack_int4_and_round_trips():
     packed = pack_weight(q, 3)
     assert torch.equal(packed, pack_int4(q)) and packed.shape == (5, 6)
     assert torch.equal(unpack_weight(packed, 3, 11, asymmetric=False), q)
-    assert torch.equal(unpack_weight(q, 3, 11, asymmetric=False), q)  # one per byte, as lowering stores
+    assert torch.equal(unpack_weight(q, 3, 11, asymmetric=False), q)  # one per byte: still accepted
 
 
 def test_leading_dims(device):
