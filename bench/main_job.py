@@ -2,7 +2,9 @@
 each per-pass report, and compare WikiText-2 perplexity and evaluation time of the float and the
 compiled models side by side.
 
-    .venv/bin/python bench/main_job.py [--windows 40] [--recipes rtn-w8a8,aweq-w8a8] [--data ../shared/data]
+    .venv/bin/python bench/main_job.py [--windows 40] [--recipes rtn-w8a8,aweq-w8a8] [--data DIR]
+
+WikiText-2 is read from the repository's data/ folder by default (see data/README.md).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def git_commit() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=40, help="2048-token test windows (the protocol uses 40)")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder with WikiText-2 files")
+    ap.add_argument("--data", default=str(qcompile.data.default_data_dir()),
+                    help="folder with WikiText-2 files (default: %(default)s: the repository's data/, or $QCOMPILE_DATA)")
     ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
     ap.add_argument("--recipes", default="rtn-w8a8,aweq-w8a8", help="comma-separated recipe names")
     args = ap.parse_args()

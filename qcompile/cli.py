@@ -16,8 +16,11 @@ from typing import Any
 
 __all__ = ["main"]
 
-DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid.txt"
-DEFAULT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_test.txt"
+# WikiText-2 bundled in the repository's data/ ($QCOMPILE_DATA overrides; --calib/--data per call)
+from qcompile.data import default_calibration_file, default_test_file  # noqa: E402
+
+DEFAULT_CALIB = default_calibration_file()
+DEFAULT_TEST = default_test_file()
 
 
 class CLIError(Exception):

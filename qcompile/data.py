@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_text", "tokenize", "calibration_windows", "evaluation_windows", "DataError"]
+__all__ = ["load_text", "tokenize", "calibration_windows", "evaluation_windows", "DataError",
+           "default_data_dir", "default_calibration_file", "default_test_file", "DATA_ENV"]
+
+DATA_ENV = "QCOMPILE_DATA"
+# the repository's data/ folder (WikiText-2, CC BY-SA 3.0, see data/README.md): qcompile/ sits
+# in the repository root, so this resolves from a checkout and from an editable install alike
+_REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 class DataError(ValueError):
     """A text file or token stream cannot be used as asked."""
+
+
+def default_data_dir() -> Path:
+    """Where WikiText-2 is looked for by default: ``$QCOMPILE_DATA`` when set, else the
+    repository's ``data/`` folder (bundled with the source; a regular wheel install does not carry
+    it, so set ``QCOMPILE_DATA`` or pass the files explicitly there)."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else _REPO_DATA
+
+
+def default_calibration_file() -> Path:
+    """``default_data_dir() / "wikitext2_valid.txt"``: calibration windows come from validation text."""
+    return default_data_dir() / "wikitext2_valid.txt"
+
+
+def default_test_file() -> Path:
+    """``default_data_dir() / "wikitext2_test.txt"``: the perplexity protocol's test text."""
+    return default_data_dir() / "wikitext2_test.txt"
 
 
 def load_text(path: str | Path) -> str:
