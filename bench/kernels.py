@@ -2,7 +2,7 @@
 epilogue) against bf16 ``torch.nn.functional.linear`` on the same inputs, plus ``torch._int_mm``
 and ``torch._scaled_mm`` (fp8, row-wise scales), on LLaMA-7B/70B layer shapes.
 
-    python bench/kernels.py                    # all shapes, writes bench/RESULTS.md
+    python bench/kernels.py                    # all shapes, updates its section of bench/RESULTS.md
     python bench/kernels.py --m 1 16 --kn 4096x4096 --no-write
     python bench/kernels.py --e2e              # + LLaMA-7B-shaped model, each recipe vs bf16
     TRITON_INTERPRET=1 python bench/kernels.py --smoke [--e2e]   # CPU: every code path, tiny shapes
@@ -12,6 +12,10 @@ checked against its pure-torch reference before it is timed. TOPS counts 2*M*N*K
 bandwidth counts the fewest bytes the op must move (activations read once, weights read once,
 output written once); peaks are measured on the device (a large copy, a large bf16 and int8 GEMM).
 Without CUDA (and without --smoke) it says it needs a GPU and exits 0.
+
+On a GPU it rewrites only its own section of bench/RESULTS.md, the lines between the
+``RESULTS_BEGIN`` and ``RESULTS_END`` marker comments; everything else in that file (how to
+run, targets, the memory and fuzzing sections) is left byte for byte as it was.
 """
 
 from __future__ import annotations
@@ -30,6 +34,38 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]  # K x N
 MS = [1, 16, 128, 512, 2048, 4096]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+RESULTS_BEGIN = "<!-- bench/kernels.py results: begin (rewritten by each GPU run; edit outside the markers) -->"
+RESULTS_END = "<!-- bench/kernels.py results: end -->"
+
+
+def replace_section(text: str, body: str) -> str:
+    """``text`` with the lines between the RESULTS_BEGIN / RESULTS_END markers replaced by ``body``.
+
+    Everything outside the markers is kept as it was. A file without the markers gets the marked
+    section appended at its end; markers that are not exactly one begin followed by one end are
+    an error (nothing is guessed, nothing is written).
+    """
+    nb, ne = text.count(RESULTS_BEGIN), text.count(RESULTS_END)
+    section = f"{RESULTS_BEGIN}\n{body.strip()}\n{RESULTS_END}"
+    if nb == ne == 0:
+        sep = "" if not text else "\n" if text.endswith("\n") else "\n\n"
+        return text + sep + section + "\n"
+    if nb != 1 or ne != 1 or text.index(RESULTS_BEGIN) > text.index(RESULTS_END):
+        raise ValueError(f"bench/RESULTS.md: expected one {RESULTS_BEGIN!r} line before one {RESULTS_END!r} "
+                         f"line, found {nb} and {ne}; fix the markers by hand")
+    head, rest = text.split(RESULTS_BEGIN, 1)
+    tail = rest.split(RESULTS_END, 1)[1]
+    return head + section + tail
+
+
+def write_results(body: str, path: Path = RESULTS) -> None:
+    """Replace this script's section of ``path`` (see ``replace_section``), atomically."""
+    text = path.read_text() if path.exists() else ""
+    new = replace_section(text, body)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
 
 
 def git_commit() -> str:
@@ -288,11 +324,9 @@ def run(args) -> int:
         e2e = f"End to end: LLaMA-7B-shaped model, {layers} decoder layers, random weights, bf16\n\n{e2e}"
         print("\n" + e2e)
     if device == "cuda" and not args.no_write:
-        path = ROOT / "bench" / "RESULTS.md"
-        path.write_text("# Kernel benchmark results\n\n"
-                        "Produced by `python bench/kernels.py` (see its docstring for what is counted).\n\n"
-                        f"{stamp}\n\n{peak_line}\n\n{table}\n" + (f"\n{e2e}\n" if e2e else ""))
-        print(f"\nwrote {path}")
+        write_results("Produced by `python bench/kernels.py` (see its docstring for what is counted).\n\n"
+                      f"{stamp}\n\n{peak_line}\n\n{table}\n" + (f"\n{e2e}\n" if e2e else ""))
+        print(f"\nupdated the bench/kernels.py section of {RESULTS}")
     return 0
 
 
@@ -300,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="*", help=f"token counts (default {MS})")
     ap.add_argument("--kn", nargs="*", help="K x N shapes such as 4096x11008 (default: LLaMA-7B/70B shapes)")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update bench/RESULTS.md")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under TRITON_INTERPRET=1")
     ap.add_argument("--e2e", action="store_true", help="also the end-to-end LLaMA-7B-shaped model benchmark")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the end-to-end model")
