@@ -86,3 +86,17 @@ def test_gptq_rounds_every_linear_to_the_bits_it_is_lowered_with(name):
     for module in ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj",
                    "model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"):
         assert gptq.settings_for(module)[0] == lower.scheme_for(module).w_bits, module
+
+
+def test_quik_w4a4_compiles_and_runs_a_bf16_model():
+    # bench/RESULTS.md once said it failed on bf16 (a dtype error in the outlier lowering)
+    model = tiny_llama(hidden=128, intermediate=256).to(torch.bfloat16)
+    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    gm = qcompile.compile(model, passes=recipes.get("quik-w4a4"), calibration=calib)
+    lowered = [n for n in gm.graph.nodes if n.target == torch.ops.qcompile.w4a4_outlier_linear.default]
+    assert len(lowered) == 14  # every linear of the 2 layers; lm_head stays in float
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        out, ref = gm(ids), model(input_ids=ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref.float()).norm() < 0.5 * ref.float().norm()
