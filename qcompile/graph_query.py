@@ -22,7 +22,8 @@ from torch import nn
 from qcompile.frontend import module_name_of
 
 __all__ = [
-    "to_networkx", "LinearSite", "NormSite", "ProducerPair", "linear_sites", "norm_sites",
+    "to_networkx", "LinearSite", "NormSite", "NormAffine", "ProducerPair", "linear_sites", "norm_sites",
+    "norm_affine",
     "producer_pairs", "layer_index", "layer_partition", "is_linear", "get_tensor", "set_tensor",
 ]
 
@@ -32,7 +33,7 @@ aten = torch.ops.aten
 _TRANSPARENT = {
     aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
     aten.clone.default, aten.contiguous.default, aten.detach.default, aten.dropout.default,
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.type_as.default,
     torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.float, torch.Tensor.type_as,
     F.dropout, torch.nn.functional.dropout,
 }
@@ -40,6 +41,11 @@ _CHECKS = {aten._assert_tensor_metadata.default}
 _SILU_LIKE = {aten.silu.default, aten.gelu.default, F.silu, F.gelu, torch.nn.functional.silu}
 _RELU = {aten.relu.default, F.relu, torch.relu}
 _MUL = {aten.mul.Tensor, torch.mul, __import__("operator").mul}
+_ADD = {aten.add.Tensor, aten.add.Scalar, torch.add, __import__("operator").add}
+_SCALAR_SCALE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, torch.mul, torch.div,
+                 __import__("operator").mul, __import__("operator").truediv}
+# fused norm ops: (weight argument index, bias argument index or None)
+_NORM_OPS = {aten.layer_norm.default: (2, 3), F.layer_norm: (2, 3), aten.rms_norm.default: (2, None)}
 _SDPA = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 _HEAD_RESHAPE = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
                  aten.expand.default, aten.unsqueeze.default, aten.contiguous.default,
@@ -138,9 +144,40 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
 _NORM_CLASS = re.compile(r"(RMS|Layer|Group)Norm|Norm$", re.I)
 
 
+@dataclass(frozen=True)
+class NormAffine:
+    """How a norm applies its affine tensors, read from the graph: ``y = n * (offset + w) + b``.
+
+    ``n`` is the normalized input, ``w`` the tensor at ``weight`` and ``b`` the one at ``bias``
+    (or none). LLaMA's RMSNorm and OPT's LayerNorm have offset 0; Gemma's RMSNorm computes
+    ``n * (1 + w)`` (offset 1). Casts, views and scalar factors between the product and the
+    norm's output are allowed: they commute with a per-channel scale.
+    """
+
+    weight: str
+    bias: str | None = None
+    offset: float = 0.0
+
+    @property
+    def formula(self) -> str:
+        w = "w" if not self.offset else f"({self.offset:g} + w)"
+        return f"x * {w}" + (" + b" if self.bias else "")
+
+    def folded(self, w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tensors for ``y / s``: (offset + w') = (offset + w) / s and b' = b / s (in float64)."""
+        s64 = s.double()
+        w_new = ((self.offset + w.double()) / s64 - self.offset).to(w.dtype)
+        return w_new, None if b is None else (b.double() / s64).to(b.dtype)
+
+
 @dataclass
 class NormSite:
-    """A normalization module: its output node, affine tensors and the linears reading it."""
+    """A normalization module: its output node, affine tensors and the linears reading it.
+
+    ``affine`` says how the norm applies ``weight`` / ``bias``, read from the dataflow
+    (``norm_affine``); when it could not be read, ``affine`` is None and ``why_not`` says why.
+    """
 
     module: str
     output: fx.Node
@@ -148,18 +185,182 @@ class NormSite:
     bias: str | None
     linears: list[LinearSite] = field(default_factory=list)
     other_users: list[fx.Node] = field(default_factory=list)
+    affine: NormAffine | None = None
+    why_not: str | None = None
 
     @property
     def foldable(self) -> bool:
-        """A scale can be folded into the norm only if linears are its only consumers."""
-        return bool(self.linears) and not self.other_users and self.weight is not None
+        """A scale can be folded into the norm only if linears are its only consumers and the
+        graph shows how it applies its weight."""
+        return bool(self.linears) and not self.other_users and self.affine is not None
 
 
 def _module_class(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    return list(stack.values())[-1][1]
+    cls = list(stack.values())[-1][1]
+    # torch.export records a dotted name, torch.fx.symbolic_trace the class itself
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_check(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CHECKS
+
+
+def _is_transparent(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and (
+        node.target in _TRANSPARENT or node.target in ("to", "contiguous", "float", "view", "reshape",
+                                                       "type_as"))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _param_chain(node) -> tuple[str, list[fx.Node]] | None:
+    """(get_attr target, nodes from it to ``node``) if ``node`` is a parameter seen through casts/views."""
+    chain: list[fx.Node] = []
+    cur = node
+    while isinstance(cur, fx.Node):
+        chain.append(cur)
+        if cur.op == "get_attr":
+            return str(cur.target), chain
+        if not _is_transparent(cur):
+            return None
+        cur = cur.args[0] if cur.args else None
+    return None
+
+
+def _only_used_by(nodes: list[fx.Node], allowed: set[fx.Node]) -> fx.Node | None:
+    """The first user of ``nodes`` outside ``allowed`` (value checks aside), or None."""
+    for n in nodes:
+        for u in n.users:
+            if u not in allowed and not _is_check(u):
+                return u
+    return None
+
+
+def _fused_arg(node: fx.Node, index: int, name: str):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name)
+
+
+def norm_affine(gm: fx.GraphModule, output: fx.Node, module: str) -> NormAffine | str:
+    """Read from the dataflow how the norm whose output is ``output`` applies its affine tensors.
+
+    Walks back from the output through casts, views and scalar factors to either a fused norm op
+    (``aten.layer_norm`` / ``aten.rms_norm``: weight and bias arguments) or ``[n * W] (+ B)`` where
+    ``W`` is a parameter (through casts) or ``c + parameter`` for a number ``c`` (Gemma: ``1 + w``),
+    and ``B`` a parameter. Returns the ``NormAffine``, or a sentence saying why it cannot be read
+    (then a per-channel scale cannot be folded into the norm exactly).
+    """
+    if output.op == "call_module":
+        mod = gm.get_submodule(output.target)
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and len(mod.normalized_shape) == 1:
+            if getattr(mod, "weight", None) is None:
+                return "it has no weight to fold into"
+            return NormAffine(f"{output.target}.weight",
+                              f"{output.target}.bias" if getattr(mod, "bias", None) is not None else None)
+        return f"it is an opaque {type(mod).__name__} module: the graph does not show how it applies its weight"
+
+    def inside(n: fx.Node) -> bool:
+        m = module_name_of(n)
+        return m == module or m.startswith(module + ".")
+
+    tail: list[fx.Node] = []          # output back to the product, every node of which must be ours
+    cur = output
+    while isinstance(cur, fx.Node) and inside(cur):
+        if _is_transparent(cur):
+            tail.append(cur)
+            cur = cur.args[0]
+        elif cur.target in _SCALAR_SCALE and len(cur.args) == 2 and isinstance(cur.args[0], fx.Node) \
+                and _is_number(cur.args[1]) and cur.args[1] != 0:
+            tail.append(cur)           # y * c or y / c commutes with a per-channel scale
+            cur = cur.args[0]
+        else:
+            break
+    if not isinstance(cur, fx.Node) or not inside(cur):
+        return "its output is not computed inside the module"
+    params: list[tuple[str, list[fx.Node]]] = []
+    bias: str | None = None
+    if cur.target in _ADD and len(cur.args) == 2 and all(isinstance(a, fx.Node) for a in cur.args):
+        chains = [_param_chain(a) for a in cur.args]
+        if chains[0] is not None and chains[1] is not None:
+            return "it adds two parameters"
+        which = 0 if chains[0] is not None else 1 if chains[1] is not None else None
+        if which is not None:
+            bias, bias_nodes = chains[which]  # type: ignore[misc]
+            params.append((bias, bias_nodes))
+            tail.append(cur)
+            cur = cur.args[1 - which]
+            while isinstance(cur, fx.Node) and inside(cur) and _is_transparent(cur):
+                tail.append(cur)
+                cur = cur.args[0]
+    if not isinstance(cur, fx.Node) or not inside(cur):
+        return "its output is not computed inside the module"
+    weight: str | None = None
+    offset = 0.0
+    if cur.target in _NORM_OPS:
+        w_idx, b_idx = _NORM_OPS[cur.target]
+        shape = _fused_arg(cur, 1, "normalized_shape")
+        if not isinstance(shape, (list, tuple)) or len(shape) != 1:
+            return f"{_target_label(cur)} normalizes over several dimensions"
+        w_chain = _param_chain(_fused_arg(cur, w_idx, "weight"))
+        b_chain = _param_chain(_fused_arg(cur, b_idx, "bias")) if b_idx is not None else None
+        if w_chain is None:
+            return "it has no weight to fold into"
+        if b_chain is not None and bias is not None:
+            return "it adds a bias after a norm op that already has one"
+        weight = w_chain[0]
+        params.append(w_chain)
+        if b_chain is not None:
+            bias = b_chain[0]
+            params.append(b_chain)
+    elif cur.target in _MUL and len(cur.args) == 2:
+        found = []
+        for side, other in ((cur.args[0], cur.args[1]), (cur.args[1], cur.args[0])):
+            chain = _param_chain(side)
+            if chain is not None:
+                found.append((chain[0], 0.0, chain[1], other))
+                continue
+            if isinstance(side, fx.Node) and side.target in _ADD and len(side.args) == 2:
+                a, b = side.args
+                for p, c in ((a, b), (b, a)):
+                    chain = _param_chain(p)
+                    if chain is not None and _is_number(c):
+                        found.append((chain[0], float(c), [side] + chain[1], other))
+        if len(found) != 1:
+            why = "both factors are parameters" if found else "neither factor is a weight parameter"
+            return f"its output is a product of which {why}"
+        weight, offset, w_nodes, _ = found[0]
+        params.append((weight, w_nodes))
+        tail.append(cur)
+    else:
+        return (f"its output is computed by {_target_label(cur)}, not by x * w (+ b) of a weight: "
+                "cannot fold a scale into it exactly")
+    if tail[-1:] != [cur]:
+        tail.append(cur)
+    # the scaled value must reach the output only: no node between the product and the output
+    # may feed anything else, and the parameters may feed nothing but this computation
+    chain_nodes = set(tail) | {n for _, nodes in params for n in nodes}
+    leak = _only_used_by([n for n in tail if n is not output], chain_nodes)
+    if leak is not None:
+        return f"an intermediate of its affine step also feeds {leak.name}"
+    for target, nodes in params:
+        leak = _only_used_by(nodes, chain_nodes | {cur})
+        if leak is not None:
+            return f"{target} also feeds {leak.name}"
+        t = get_tensor(gm, target)
+        if t.dim() != 1:
+            return f"{target} is not a per-channel vector (shape {tuple(t.shape)})"
+    return NormAffine(weight, bias, offset)
+
+
+def _target_label(node: fx.Node) -> str:
+    t = node.target
+    return str(getattr(t, "__name__", None) or t)
 
 
 def _forward_through(node: fx.Node, ops: set) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -185,7 +386,8 @@ def _forward_through(node: fx.Node, ops: set) -> tuple[list[fx.Node], list[fx.No
 
 
 def norm_sites(gm: fx.GraphModule) -> list[NormSite]:
-    """Every normalization module (RMSNorm, LayerNorm, ...) with the linears that consume it."""
+    """Every normalization module (RMSNorm, LayerNorm, ...) with the linears that consume it and
+    how it applies its weight (``norm_affine``)."""
     by_module: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -204,21 +406,12 @@ def norm_sites(gm: fx.GraphModule) -> list[NormSite]:
         if not outputs:
             continue
         out = outputs[-1]
-        weight = bias = None
-        if out.op == "call_module":
-            mod = gm.get_submodule(out.target)
-            weight = f"{module}.weight" if getattr(mod, "weight", None) is not None else None
-            bias = f"{module}.bias" if getattr(mod, "bias", None) is not None else None
+        affine = norm_affine(gm, out, module)
+        if isinstance(affine, NormAffine):
+            site = NormSite(module, out, affine.weight, affine.bias, affine=affine)
         else:
-            for n in nodes:
-                for a in n.all_input_nodes:
-                    t = _attr_target(a)
-                    if t and t.startswith(module + ".") and t.endswith(".weight"):
-                        weight = t
-                    elif t and t.startswith(module + ".") and t.endswith(".bias"):
-                        bias = t
+            site = NormSite(module, out, None, None, why_not=affine)
         ends, _ = _forward_through(out, _TRANSPARENT)
-        site = NormSite(module, out, weight, bias)
         for e in ends:
             if e in linears and _reaches_as_input(out, e):
                 site.linears.append(linears[e])
