@@ -2,6 +2,8 @@
 
 A pass is a stateless function of (graph module, context) returning ``PassResult``. The manager,
 not the pass, checks requirements before anything runs, recompiles and lints after each pass,
+stores the analyses a pass returns (and drops the ones it invalidates), verifies that a pass
+declaring ``preserves_float_model`` kept the model's output on the probe input (verify-each),
 and calls the instruments (diff, timing, numeric probe). Passes never print.
 """
 
@@ -22,6 +24,10 @@ __all__ = [
     "PipelineError", "resolve_passes",
 ]
 
+# what a pass class declares about itself; never set on an instance (a property may derive one
+# from the pass's configuration)
+_DECLARED = ("name", "kind", "requires", "provides", "needs_calibration", "preserves_float_model")
+
 
 class PassKind(str, enum.Enum):
     ANALYSIS = "analysis"
@@ -35,29 +41,57 @@ class PassResult:
 
     ``notes`` (lines) and ``table`` (rows of dicts) are shown in the pass's diff in the report;
     the manager decides "changed" from a fingerprint, not from ``modified``.
+
+    ``updated``: analyses this pass provides, or new values replacing earlier passes' results that
+    it changed (Equalize returns the rescaled ``activation_stats``); the manager stores them.
+    A pass never mutates an analysis it did not create: it builds a new one and returns it here.
+    ``invalidated``: analyses this pass made stale (dropped by the manager; a later pass that
+    requires one of them is told which pass invalidated it).
     """
 
     graph_module: fx.GraphModule
     modified: bool
     notes: list[str] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
+    updated: dict[str, Any] = field(default_factory=dict)
+    invalidated: tuple[str, ...] = ()
 
 
 @dataclass
 class CompileContext:
-    """Shared state of one compilation: analyses computed so far and the calibration set."""
+    """Shared state of one compilation: analyses computed so far and the calibration set.
+
+    ``invalidated`` maps an analysis dropped by a transform to the pass that dropped it.
+    """
 
     analyses: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # qcompile.calibrate.CalibrationSet or None
     options: dict[str, Any] = field(default_factory=dict)
+    invalidated: dict[str, str] = field(default_factory=dict)
 
     def require(self, name: str, by: str) -> Any:
         if name not in self.analyses:
-            providers = [p for p, cls in _REGISTRY.items() if name in getattr(cls, "provides", ())]
-            hint = f"; run {' or '.join(sorted(set(providers)))} before it" if providers else ""
-            raise PipelineError(f"pass {by!r} needs analysis {name!r}, which no earlier pass "
-                                f"provided{hint}.")
+            raise PipelineError(_missing_message(by, [name], self))
         return self.analyses[name]
+
+
+def _declared(obj: Any, attr: str) -> tuple[str, ...]:
+    """A pass class's (or instance's) declared analysis names; () where a property derives them."""
+    value = getattr(obj, attr, ())
+    return tuple(value) if isinstance(value, (tuple, list)) else ()
+
+
+def _missing_message(by: str, missing: list[str], ctx: CompileContext | None) -> str:
+    invalid = {m: ctx.invalidated[m] for m in missing if ctx is not None and m in ctx.invalidated}
+    providers = sorted({n for n, c in _REGISTRY.items() if n == _snake(n)
+                        and set(missing) & set(_declared(c, "provides"))})
+    names = ", ".join(repr(m) for m in missing)
+    if invalid:
+        how = "; ".join(f"{m!r} was invalidated by pass {p!r}" for m, p in invalid.items())
+        hint = f"; run {' or '.join(providers)} again after it" if providers else ""
+        return f"pass {by!r} requires analysis {names}: {how}{hint}."
+    hint = f"; add {' or '.join(providers)} before it" if providers else ""
+    return f"pass {by!r} requires analysis {names} that no earlier pass provides{hint}."
 
 
 class PipelineError(ValueError):
@@ -65,10 +99,11 @@ class PipelineError(ValueError):
 
 
 class PassError(RuntimeError):
-    """A pass failed or broke the graph; names the pass, the passes before it, and the node."""
+    """A pass failed or broke the graph; names the pass, the passes before it, and the node
+    (and, for a verify-each failure, the first module whose output diverged: ``module``)."""
 
     def __init__(self, pass_name: str, before: Sequence[str], message: str,
-                 node: fx.Node | None = None):
+                 node: fx.Node | None = None, module: str | None = None):
         where = ""
         if node is not None:
             from qcompile.frontend import module_name_of
@@ -79,13 +114,18 @@ class PassError(RuntimeError):
         super().__init__(f"pass {pass_name!r} failed{where}: {message}\n  passes run before it: {prior}")
         self.pass_name = pass_name
         self.node = node
+        self.module = module
 
 
 class Pass:
     """Base class of a pass. Subclasses set ``kind`` and implement ``run``.
 
     Class attributes: ``name`` (defaults to the class name), ``kind``, ``requires`` and
-    ``provides`` (analysis names), ``needs_calibration``.
+    ``provides`` (analysis names), ``needs_calibration``, ``preserves_float_model`` (the pass
+    must not change the float model's outputs: the manager checks it on the probe input).
+    They are declared by the class, never set on an instance; where one depends on the pass's
+    configuration, the class defines it as a read-only property (``GPTQ.requires``).
+    Configuration is immutable: passes are frozen dataclasses.
     """
 
     name: ClassVar[str] = ""
@@ -93,11 +133,22 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = False
+    preserves_float_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("name"):
             cls.name = cls.__name__
+        for attr in ("requires", "provides"):
+            value = cls.__dict__.get(attr)
+            if isinstance(value, (list, str)):
+                raise TypeError(f"{cls.__name__}.{attr} must be a tuple of analysis names (or a property)")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in _DECLARED:
+            raise AttributeError(f"{type(self).__name__}.{key} is declared by the class, not set on an "
+                                 "instance; derive it from the configuration with a property")
+        super().__setattr__(key, value)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         raise NotImplementedError
@@ -117,16 +168,24 @@ class Pass:
 
 
 class FunctionPass(Pass):
-    """A pass made from a function ``fn(gm, ctx) -> PassResult | GraphModule | None``."""
+    """A pass made from a function ``fn(gm, ctx) -> PassResult | GraphModule | None``.
+
+    Its declarations are fixed at creation and read-only (properties over private fields).
+    """
 
     def __init__(self, fn: Callable, name: str, kind: PassKind, requires: tuple[str, ...],
-                 provides: tuple[str, ...], needs_calibration: bool):
-        self.fn = fn
-        self.name = name  # type: ignore[misc]
-        self.kind = PassKind(kind)  # type: ignore[misc]
-        self.requires = tuple(requires)  # type: ignore[misc]
-        self.provides = tuple(provides)  # type: ignore[misc]
-        self.needs_calibration = needs_calibration  # type: ignore[misc]
+                 provides: tuple[str, ...], needs_calibration: bool, preserves_float_model: bool = False):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_decl", (name, PassKind(kind), tuple(requires), tuple(provides),
+                                           bool(needs_calibration), bool(preserves_float_model)))
+
+    fn = property(lambda self: self._fn)
+    name = property(lambda self: self._decl[0])  # type: ignore[assignment]
+    kind = property(lambda self: self._decl[1])  # type: ignore[assignment]
+    requires = property(lambda self: self._decl[2])  # type: ignore[assignment]
+    provides = property(lambda self: self._decl[3])  # type: ignore[assignment]
+    needs_calibration = property(lambda self: self._decl[4])  # type: ignore[assignment]
+    preserves_float_model = property(lambda self: self._decl[5])  # type: ignore[assignment]
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         out = self.fn(gm, ctx)
@@ -165,12 +224,12 @@ def register_pass(obj: Any = None, *, name: str | None = None):
 def function_pass(fn: Callable | None = None, *, name: str | None = None,
                   kind: PassKind | str = PassKind.TRANSFORM, requires: Iterable[str] = (),
                   provides: Iterable[str] = (), needs_calibration: bool = False,
-                  register: bool = True):
+                  preserves_float_model: bool = False, register: bool = True):
     """Decorator turning ``fn(gm, ctx)`` into a registered pass instance."""
 
     def wrap(f: Callable) -> FunctionPass:
         p = FunctionPass(f, name or f.__name__, PassKind(kind), tuple(requires), tuple(provides),
-                         needs_calibration)
+                         needs_calibration, preserves_float_model)
         if register:
             register_pass(p, name=p.name)
         return p
@@ -189,7 +248,8 @@ def get_pass(name: str, **params: Any) -> Pass:
     registry = registered_passes()
     if name not in registry:
         known = sorted(k for k in registry if k == _snake(k))
-        raise PipelineError(f"unknown pass {name!r}; registered passes: {', '.join(known)}")
+        listed = ", ".join(known) if known else "none (import qcompile.passes to register the built-in ones)"
+        raise PipelineError(f"unknown pass {name!r}; registered passes: {listed}")
     obj = registry[name]
     if isinstance(obj, Pass):
         if params:
@@ -228,24 +288,30 @@ def resolve_passes(passes: Iterable[Any]) -> list[Pass]:
 
 
 class PassManager:
-    """Runs passes in order with requirement checks, recompile, lint and instruments."""
+    """Runs passes in order with requirement checks, recompile, lint, analyses and instruments.
 
-    def __init__(self, passes: Iterable[Any], instruments: Sequence[Any] = ()):
+    ``probe``: inputs of the graph (a tensor or a tuple of positional arguments). With it and
+    ``verify=True`` (the default), every pass declaring ``preserves_float_model`` is checked:
+    its graph must give the same output on the probe as before it, to ``verify_rtol`` of the
+    largest |output| (default ``qcompile.verify.float_tolerance``: 1e-4 in float32), or the run
+    stops with a ``PassError`` naming the pass and the first module whose output diverged.
+    """
+
+    def __init__(self, passes: Iterable[Any], instruments: Sequence[Any] = (), *, probe: Any = None,
+                 verify: bool = True, verify_rtol: float | None = None):
         self.passes = resolve_passes(passes)
         self.instruments = list(instruments)
+        self.probe = None if probe is None else (tuple(probe) if isinstance(probe, (tuple, list)) else (probe,))
+        self.verify = verify
+        self.verify_rtol = verify_rtol
 
     def check(self, ctx: CompileContext) -> None:
         """Name every missing analysis or calibration set before anything runs."""
         available = set(ctx.analyses)
-        registry = registered_passes()
         for p in self.passes:
             missing = [r for r in p.requires if r not in available]
             if missing:
-                providers = sorted({n for n, c in registry.items() if n == _snake(n)
-                                    and set(missing) & set(getattr(c, "provides", ()))})
-                hint = f"; add {' or '.join(providers)} before it" if providers else ""
-                raise PipelineError(f"pass {p.name!r} requires analysis {', '.join(missing)} "
-                                    f"that no earlier pass provides{hint}.")
+                raise PipelineError(_missing_message(p.name, missing, None))
             if p.needs_calibration and ctx.calibration is None:
                 raise PipelineError(f"pass {p.name!r} needs calibration data: pass "
                                     "calibration=qcompile.data.calibration_windows(tokenizer, text, "
@@ -258,8 +324,13 @@ class PassManager:
         for inst in self.instruments:
             inst.start(gm, ctx)
         for p in self.passes:
+            missing = [r for r in p.requires if r not in ctx.analyses]
+            if missing:  # dropped since check() by a pass that invalidated it
+                raise PipelineError(_missing_message(p.name, missing, ctx))
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx)
+            verifying = self.verify and self.probe is not None and bool(p.preserves_float_model)
+            before = self._probe_trace(gm) if verifying else None
             try:
                 result = p(gm, ctx)
             except (PassError, PipelineError):
@@ -277,10 +348,53 @@ class PassManager:
             except Exception as err:  # noqa: BLE001
                 raise PassError(p.name, done, f"left an invalid graph: {err}",
                                 _node_in_message(gm, str(err))) from err
+            if before is not None:
+                self._verify(p, gm, before, done)
+            self._store_analyses(p, result, ctx, done)
             for inst in self.instruments:
                 inst.after_pass(p, gm, ctx, result)
             done.append(p.name)
         return gm
+
+    def _probe_trace(self, gm: fx.GraphModule) -> Any:
+        from qcompile.verify import ProbeTrace
+        return ProbeTrace.take(gm, self.probe)
+
+    def _verify(self, p: Pass, gm: fx.GraphModule, before: Any, done: list[str]) -> None:
+        """verify-each: a pass that preserves the float model left its output on the probe alone."""
+        from qcompile.verify import compare
+        div = compare(before, self._probe_trace(gm), self.verify_rtol)
+        if div is None:
+            return
+        node = _last_node_of(gm, div.module) if div.module else None
+        raise PassError(p.name, done, div.message(), node, div.module)
+
+    @staticmethod
+    def _store_analyses(p: Pass, result: PassResult, ctx: CompileContext, done: list[str]) -> None:
+        """Drop what the pass invalidated and store what it provided or replaced."""
+        undeclared = [k for k in result.updated if k not in p.provides and k not in ctx.analyses]
+        if undeclared:
+            raise PassError(p.name, done, f"returned analysis {', '.join(map(repr, undeclared))}, which it "
+                            "neither declares in provides nor replaces (no earlier pass provided it)")
+        clash = set(result.updated) & set(result.invalidated)
+        if clash:
+            raise PassError(p.name, done, f"both updates and invalidates {', '.join(sorted(clash))}")
+        for name in result.invalidated:
+            if ctx.analyses.pop(name, None) is not None:
+                ctx.invalidated[name] = p.name
+        for name, value in result.updated.items():
+            ctx.analyses[name] = value
+            ctx.invalidated.pop(name, None)
+
+
+def _last_node_of(gm: fx.GraphModule, module: str) -> fx.Node | None:
+    from qcompile.frontend import module_name_of
+    found = None
+    for node in gm.graph.nodes:
+        m = module_name_of(node)
+        if m == module or m.startswith(module + "."):
+            found = node
+    return found
 
 
 def _target_name(node: fx.Node) -> str:

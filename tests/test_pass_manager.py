@@ -3,6 +3,7 @@ import torch
 import torch.fx as fx
 
 import qcompile
+import qcompile.passes  # noqa: F401 - registers the built-in passes by name
 from qcompile import Pass, PassError, PassKind, PassResult, PipelineError, function_pass
 from qcompile.passes import ActivationStats, QuantizeLinears
 from models_for_tests import tiny_llama
@@ -146,3 +147,89 @@ def test_report_table_and_code_diff():
     assert "+%" in code and "w8a8_linear" in code and "-%linear" in code
     with pytest.raises(KeyError, match="no pass named"):
         gm.qcompile_report.diff("Nope")
+
+
+# ---------------------------------------------------------------- analyses and declarations
+
+def test_analyses_are_returned_stored_replaced_and_invalidated():
+    from qcompile.pass_manager import CompileContext, PassManager
+
+    @function_pass(register=False, kind="analysis", provides=("widths",))
+    def widths(gm, ctx):
+        return PassResult(gm, False, updated={"widths": {"a": 1}})
+
+    @function_pass(register=False)
+    def grow(gm, ctx):  # replaces an analysis it did not provide: allowed, it exists
+        return PassResult(gm, False, updated={"widths": {**ctx.analyses["widths"], "b": 2}})
+
+    @function_pass(register=False)
+    def stale(gm, ctx):
+        return PassResult(gm, False, invalidated=("widths",))
+
+    @function_pass(register=False, requires=("widths",))
+    def reader(gm, ctx):
+        return PassResult(gm, False)
+
+    ctx = CompileContext()
+    gm = qcompile.trace(tiny_llama(layers=1))
+    PassManager([widths, grow]).run(gm, ctx)
+    assert ctx.analyses["widths"] == {"a": 1, "b": 2}
+    with pytest.raises(PipelineError, match="'widths' was invalidated by pass 'stale'"):
+        PassManager([widths, stale, reader]).run(gm, CompileContext())
+
+    @function_pass(register=False)
+    def sneaky(gm, ctx):  # provides an analysis it does not declare
+        return PassResult(gm, False, updated={"secret": 1})
+
+    with pytest.raises(PassError, match="'secret', which it neither declares in provides"):
+        PassManager([sneaky]).run(gm, CompileContext())
+
+
+def test_declarations_are_class_attributes_and_configuration_is_frozen():
+    import dataclasses
+
+    from qcompile.passes import GPTQ, Equalize
+    eq = Equalize()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        eq.method = "smoothquant"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        eq.requires = ()
+    assert "requires" not in vars(eq) and "needs_calibration" not in vars(eq)
+    assert Equalize(search={"w_bits": 4, "a_bits": None}).needs_calibration and not eq.needs_calibration
+    assert GPTQ(outliers="keep_fp16").requires == ("outliers", "activation_stats") and GPTQ().requires == ()
+
+    @function_pass(register=False, requires=("x",), preserves_float_model=True)
+    def fp(gm, ctx):
+        return None
+
+    assert fp.requires == ("x",) and fp.preserves_float_model
+    with pytest.raises(AttributeError):
+        fp.requires = ()
+
+    class Shadowing(Pass):
+        def __init__(self):
+            self.requires = ("activation_stats",)
+
+    with pytest.raises(AttributeError, match="declared by the class"):
+        Shadowing()
+
+
+def test_engine_imports_no_pass_and_nothing_user_facing():
+    """registered_passes() imports nothing; the engine modules import no pass, evaluate, CLI ..."""
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys, qcompile.pass_manager as pm; before = set(sys.modules); pm.registered_passes(); "
+            "assert set(sys.modules) == before, set(sys.modules) - before")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    root = pathlib.Path(qcompile.__file__).parent
+    banned = ("qcompile.passes", "qcompile.evaluate", "qcompile.cli", "qcompile.recipes", "qcompile.serialize",
+              "qcompile.models", "qcompile.data")
+    for name in ("compiler", "pass_manager", "instruments", "graph_query", "verify", "analysis", "outputs"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [m for m in mods if m.startswith(banned)], f"qcompile/{name}.py imports {mods}"
