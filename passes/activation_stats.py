@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
 
+from qcompile.analysis import AnalysisResult
 from qcompile.graph_query import linear_sites
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.progress import progress
 
-__all__ = ["ActivationStats", "ChannelStats"]
+__all__ = ["ActivationStats", "ActivationStatsResult", "ChannelStats"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChannelStats:
-    """Streaming per-channel statistics of one activation tensor [.., K]."""
+    """Per-channel statistics of one activation tensor [.., K] over ``tokens`` calibration tokens.
+
+    Immutable: a transform that changes the activation returns new statistics (``divided``,
+    ``permuted``) instead of editing these.
+    """
 
     absmax: torch.Tensor
     min: torch.Tensor
     max: torch.Tensor
-    sum_abs: torch.Tensor
+    sum_abs: torch.Tensor            # float64 sum of |x|, for the mean
     tokens: int = 0
-
-    @classmethod
-    def empty(cls, k: int) -> "ChannelStats":
-        return cls(torch.zeros(k), torch.full((k,), float("inf")), torch.full((k,), float("-inf")),
-                   torch.zeros(k, dtype=torch.float64))
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -38,6 +38,32 @@ class ChannelStats:
         """max - min per channel."""
         return self.max - self.min
 
+    def divided(self, s: torch.Tensor) -> "ChannelStats":
+        """The statistics of X / s for a positive per-channel ``s`` (what Equalize leaves)."""
+        s64 = s.double()
+
+        def div(t: torch.Tensor) -> torch.Tensor:
+            return (t.double() / s64).to(t.dtype)
+
+        return replace(self, absmax=div(self.absmax), min=div(self.min), max=div(self.max),
+                       sum_abs=div(self.sum_abs))
+
+    def permuted(self, order: torch.Tensor) -> "ChannelStats":
+        """The statistics of X[..., order] (what ReorderOutliers leaves)."""
+        return replace(self, absmax=self.absmax[order].clone(), min=self.min[order].clone(),
+                       max=self.max[order].clone(), sum_abs=self.sum_abs[order].clone())
+
+
+class _Accumulator:
+    """Streams per-channel abs-max, min, max and sum |x| of one activation over batches."""
+
+    def __init__(self, k: int):
+        self.absmax = torch.zeros(k)
+        self.min = torch.full((k,), float("inf"))
+        self.max = torch.full((k,), float("-inf"))
+        self.sum_abs = torch.zeros(k, dtype=torch.float64)
+        self.tokens = 0
+
     def update(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
         self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
@@ -46,25 +72,42 @@ class ChannelStats:
         self.sum_abs += x2.abs().sum(dim=0, dtype=torch.float64)
         self.tokens += x2.shape[0]
 
+    def result(self) -> ChannelStats:
+        return ChannelStats(self.absmax, self.min, self.max, self.sum_abs, self.tokens)
+
+
+class ActivationStatsResult(AnalysisResult[ChannelStats]):
+    """The ``activation_stats`` analysis: linear module name -> ``ChannelStats`` of its input.
+
+    Linears that read the same tensor (q/k/v; gate/up) share one ``ChannelStats`` object, so
+    ``stats[q] is stats[k]``; ``replace_shared`` keeps that sharing when statistics change.
+    """
+
+    def replace_shared(self, changes: dict[int, ChannelStats]) -> "ActivationStatsResult":
+        """A new result where every module whose statistics object has id ``i`` in ``changes``
+        gets ``changes[i]`` (so the linears sharing an input keep sharing one object)."""
+        return self.replace({m: changes[id(st)] for m, st in self.items() if id(st) in changes})
+
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, ChannelStats]):
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, _Accumulator]):
         super().__init__(gm, garbage_collect_values=True)
         self.watch = watch
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        stats = self.watch.get(n)
-        if stats is not None:
-            stats.update(out)
+        acc = self.watch.get(n)
+        if acc is not None:
+            acc.update(out)
         return out
 
 
 @register_pass
+@dataclass(frozen=True)
 class ActivationStats(Pass):
     """Runs the calibration windows through the graph once, streaming per-channel abs-max, min,
-    max and mean |x| of every linear's input. Provides ``activation_stats``: a dict from linear
-    module name to ``ChannelStats`` (linears that read the same tensor share one object)."""
+    max and mean |x| of every linear's input. Provides ``activation_stats``, an
+    ``ActivationStatsResult`` (linears that read the same tensor share one ``ChannelStats``)."""
 
     kind = PassKind.ANALYSIS
     provides = ("activation_stats",)
@@ -72,19 +115,18 @@ class ActivationStats(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         sites = linear_sites(gm)
-        per_input: dict[fx.Node, ChannelStats] = {}
-        by_module: dict[str, ChannelStats] = {}
+        per_input: dict[fx.Node, _Accumulator] = {}
         for s in sites:
-            k = s.weight_tensor(gm).shape[1]
-            by_module[s.module] = per_input.setdefault(s.input, ChannelStats.empty(k))
+            per_input.setdefault(s.input, _Accumulator(s.weight_tensor(gm).shape[1]))
         recorder = _Recorder(gm, per_input)
         calib = ctx.calibration
         with torch.no_grad():
             for batch in progress(calib.batches(), "activation stats", total=calib.num_batches):
                 recorder.run(batch)
-        ctx.analyses["activation_stats"] = by_module
-        worst = max(by_module.items(), key=lambda kv: float(kv[1].absmax.max()), default=None)
-        notes = [f"{len(by_module)} linears, {len(per_input)} distinct inputs, {calib.tokens} tokens"]
+        done = {x: acc.result() for x, acc in per_input.items()}
+        result = ActivationStatsResult({s.module: done[s.input] for s in sites})
+        worst = max(result.items(), key=lambda kv: float(kv[1].absmax.max()), default=None)
+        notes = [f"{len(result)} linears, {len(per_input)} distinct inputs, {calib.tokens} tokens"]
         if worst:
             notes.append(f"largest input |x|: {float(worst[1].absmax.max()):.4g} at {worst[0]}")
-        return PassResult(gm, False, notes)
+        return PassResult(gm, False, notes, updated={"activation_stats": result})

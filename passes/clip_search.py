@@ -8,28 +8,30 @@ linear and each output row i, the pass picks the ratio c in ``ratios`` that mini
 on a sample of the linear's float input X (calibration data, layer by layer), i.e. the output
 error, not the weight error. This is the clipping step of AWQ (Lin et al., arXiv 2306.00978)
 and of QUIK's weight quantizer, measured on the output. It changes nothing in the graph: it
-provides the ``weight_clip`` analysis, which ``QuantizeLinears`` applies when its scheme for a
-linear matches the one searched (bits, granularity, symmetry). GPTQ has its own clipping.
+provides the ``weight_clip`` analysis (``WeightClips``: module -> ``ClipRecord``), which
+``QuantizeLinears`` applies when its scheme for a linear matches the one searched (bits,
+granularity, symmetry). GPTQ has its own clipping.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from qcompile.analysis import AnalysisResult
 from qcompile.formats import Granularity, PerRow, granularity_from, quantize_weight
 from qcompile.graph_query import linear_sites
 from qcompile.layerwise import layer_samples
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
 from qcompile.targets import matches
 
-__all__ = ["ClipSearch", "ClipRecord", "row_clip_ratios"]
+__all__ = ["ClipSearch", "ClipRecord", "WeightClips", "row_clip_ratios"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClipRecord:
     """The ratios chosen for one linear and the quantizer they were chosen for."""
 
@@ -41,6 +43,11 @@ class ClipRecord:
     def applies_to(self, bits: int, granularity: Granularity, symmetric: bool, rows: int) -> bool:
         return (self.bits, self.granularity, self.symmetric, self.ratio.numel()) == (
             bits, granularity, symmetric, rows)
+
+
+class WeightClips(AnalysisResult[ClipRecord]):
+    """The ``weight_clip`` analysis: linear module name -> ``ClipRecord`` (per-row ratios and the
+    quantizer they were searched for). A later ClipSearch adds to (or replaces) earlier records."""
 
 
 @torch.no_grad()
@@ -58,22 +65,22 @@ def row_clip_ratios(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: Gr
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class ClipSearch(Pass):
     """Per-row clipping ratios for round-to-nearest weights, by measured output error.
 
     ``w_bits`` / ``w_granularity`` / ``w_symmetric``: the weight quantizer ``QuantizeLinears`` will
     use. ``ratios``: the grid (1.0 = no clipping). ``targets`` / ``ignore``: module patterns (lm_head
     ignored by default). ``search_tokens``: calibration tokens sampled per linear input.
-    Provides ``weight_clip`` (module -> ClipRecord). Needs calibration data.
+    Provides ``weight_clip`` (a ``WeightClips``, module -> ClipRecord). Needs calibration data.
     """
 
     w_bits: int = 4
     w_granularity: Any = PerRow()
     w_symmetric: bool = True
     ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=lambda: ["re:(.*\\.)?lm_head"])
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ("re:(.*\\.)?lm_head",)
     search_tokens: int = 2048
 
     kind = PassKind.ANALYSIS
@@ -81,10 +88,14 @@ class ClipSearch(Pass):
     needs_calibration = True
 
     def __post_init__(self) -> None:
-        self.w_granularity = granularity_from(self.w_granularity)
+        object.__setattr__(self, "w_granularity", granularity_from(self.w_granularity))
         if self.w_bits not in (3, 4, 8):
             raise ValueError(f"ClipSearch: w_bits must be 3, 4 or 8, got {self.w_bits}")
-        self.ratios = tuple(float(r) for r in self.ratios)
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
             raise ValueError(f"ClipSearch: ratios must be in (0, 1], got {self.ratios}")
         if self.search_tokens < 1:
@@ -100,9 +111,11 @@ class ClipSearch(Pass):
             raise PipelineError("ClipSearch measures output error on calibration data: pass calibration=... "
                                 "to compile()")
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
+        earlier = ctx.analyses.get("weight_clip")
         if not sites:
-            return PassResult(gm, False, ["no linear selected: nothing to search"])
-        records: dict[str, ClipRecord] = ctx.analyses.setdefault("weight_clip", {})
+            return PassResult(gm, False, ["no linear selected: nothing to search"],
+                              updated={"weight_clip": earlier if earlier is not None else WeightClips()})
+        records: dict[str, ClipRecord] = {}
         rows: list[dict[str, Any]] = []
         for xs in layer_samples(gm, ctx.calibration, [s.input for s in sites], self.search_tokens, "clip"):
             for s in sites:
@@ -117,4 +130,6 @@ class ClipSearch(Pass):
                              "output error vs no clip": round(float(err.sum() / err1.sum().clamp_min(1e-30)), 4)})
         note = (f"W{self.w_bits} {self.w_granularity.to_json()}: clipping ratios for {len(rows)} linears; "
                 f"mean output error {sum(r['output error vs no clip'] for r in rows) / len(rows):.3f}x of no clipping")
-        return PassResult(gm, False, [note], rows)
+        result = earlier.replace(records) if isinstance(earlier, WeightClips) else WeightClips(
+            {**dict(earlier or {}), **records})
+        return PassResult(gm, False, [note], rows, updated={"weight_clip": result})

@@ -8,8 +8,8 @@ were rounded, then the group is rounded (linears sharing an input share H, so th
 rounded in one call), then the layer is committed so the next one sees the rounded prefix.
 
 The rounded weight is written back as float (the graph still runs in float) and the integers,
-scales, zeros and float outlier columns go to ``ctx.analyses["gptq"][module]`` (a
-``GPTQRecord``), which the lowering consumes instead of rounding a second time.
+scales, zeros and float outlier columns are provided as the ``gptq`` analysis (``GPTQRecords``:
+module -> ``GPTQRecord``), which the lowering consumes instead of rounding a second time.
 
 QUIK mode (``outliers="keep_fp16"``, needs ``outliers`` and ``activation_stats``): the columns
 are processed in ascending order of activation abs-max with the outlier columns last, which stay
@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 
+from qcompile.analysis import AnalysisResult
 from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, matches
 
-__all__ = ["GPTQ", "GPTQRecord"]
+__all__ = ["GPTQ", "GPTQRecord", "GPTQRecords"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTQRecord:
     """What the lowering needs from GPTQ for one linear (see ``qcompile.gptq_math.GPTQResult``).
 
@@ -56,8 +58,19 @@ class GPTQRecord:
     rtn_error: float
 
 
+class GPTQRecords(AnalysisResult[GPTQRecord]):
+    """The ``gptq`` analysis: linear module name -> ``GPTQRecord``, in the order the linears were
+    rounded, with the wall and CPU seconds of the GPTQ pass(es) that produced them."""
+
+    def __init__(self, records: dict[str, GPTQRecord] | None = None, seconds: float = 0.0,
+                 cpu_seconds: float = 0.0):
+        super().__init__(records)
+        self.seconds = seconds
+        self.cpu_seconds = cpu_seconds
+
+
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class GPTQ(Pass):
     """GPTQ weight rounding (standard W4A16/W3A16, per row or ``group_size``; or QUIK mode with
     ``outliers="keep_fp16"``). ``overrides`` maps a module pattern to changed ``w_bits``,
@@ -72,13 +85,15 @@ class GPTQ(Pass):
     clip: bool = False
     block_size: int = 128
     damp: float = 0.01
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=lambda: ["re:(.*\\.)?lm_head"])
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ("re:(.*\\.)?lm_head",)
     hessian_dtype: str = "float32"
     overrides: dict[str, dict] = field(default_factory=dict)
 
     kind = PassKind.TRANSFORM
-    provides = ("gptq",)
+    # gptq_time_s / gptq_cpu_s: the same seconds as GPTQRecords.seconds / .cpu_seconds, kept for
+    # readers of the old keys
+    provides = ("gptq", "gptq_time_s", "gptq_cpu_s")
     needs_calibration = True
 
     def __post_init__(self) -> None:
@@ -91,12 +106,21 @@ class GPTQ(Pass):
             raise ValueError(f"hessian_dtype must be 'float32' or 'float64', got {self.hessian_dtype!r}")
         if not 2 <= self.w_bits <= 8:
             raise ValueError(f"w_bits must be between 2 and 8, got {self.w_bits}")
+        object.__setattr__(self, "overrides", {k: dict(v) for k, v in self.overrides.items()})
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         for pattern, fields in self.overrides.items():
             unknown = set(fields) - {"w_bits", "group_size", "symmetric", "clip"}
             if unknown:
                 raise ValueError(f"GPTQ override {pattern!r}: unknown fields {sorted(unknown)}; "
                                  "allowed: clip, group_size, symmetric, w_bits")
-        self.requires = ("outliers", "activation_stats") if self.outliers else ()  # type: ignore[misc]
+
+    @property
+    def requires(self) -> tuple[str, ...]:  # type: ignore[override]
+        """QUIK mode orders columns by activation scale, outliers last."""
+        return ("outliers", "activation_stats") if self.outliers else ()
 
     def settings_for(self, module: str) -> tuple[int, int, bool, bool]:
         """(w_bits, group_size, symmetric, clip) for ``module``, after overrides."""
@@ -114,7 +138,7 @@ class GPTQ(Pass):
         start, cpu_start = time.perf_counter(), time.process_time()
         outliers = ctx.analyses.get("outliers", {}) if self.outliers else {}
         stats = ctx.analyses.get("activation_stats", {})
-        records = ctx.analyses.setdefault("gptq", {})
+        records: dict[str, GPTQRecord] = {}
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
         runner = LayerwiseRunner(gm, ctx.calibration)
         dtype = torch.float64 if self.hessian_dtype == "float64" else torch.float32
@@ -153,9 +177,11 @@ class GPTQ(Pass):
                  f"({total_g / max(total_r, 1e-30):.3f}x)"]
         if missed:
             notes.append(f"not in any decoder layer, left in float: {', '.join(missed)}")
-        ctx.analyses["gptq_time_s"] = elapsed
-        ctx.analyses["gptq_cpu_s"] = cpu
-        return PassResult(gm, bool(rows), notes, rows)
+        earlier = ctx.analyses.get("gptq")
+        result = GPTQRecords({**dict(earlier or {}), **records},
+                             getattr(earlier, "seconds", 0.0) + elapsed, getattr(earlier, "cpu_seconds", 0.0) + cpu)
+        updated: dict[str, Any] = {"gptq": result, "gptq_time_s": elapsed, "gptq_cpu_s": cpu}
+        return PassResult(gm, bool(rows), notes, rows, updated)
 
     @staticmethod
     def _collect(runner: LayerwiseRunner, layer, x: fx.Node, acc: HessianAccumulator) -> None:

@@ -15,20 +15,27 @@ old channel order[j]. Two ways to get there:
   the float graph stays exact, and the outlier lowering absorbs the gather into its fused
   activation-quantize step.
 
-Afterwards every linear's outliers are its last k columns: ``outliers`` becomes
-``arange(K - k, K)`` and ``activation_stats`` is permuted to the new layout. Provides
-``outlier_layout``: module -> {"order": LongTensor, "how": "folded into <producer>" | "gather"}.
+Afterwards every linear's outliers are its last k columns: the pass returns a new ``outliers``
+(``arange(K - k, K)``) and a new ``activation_stats`` permuted to the new layout (in
+``PassResult.updated``; the old results are not edited), and invalidates ``weight_clip`` and
+``gptq`` if present (they describe the old column order). Provides ``outlier_layout``, an
+``OutlierLayout``: module -> {"order": LongTensor, "how": "folded into <producer>" | "gather" |
+"none needed"}. The float model is unchanged (``preserves_float_model``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.fx as fx
 
+from qcompile.analysis import AnalysisResult
 from qcompile.graph_query import ProducerPair, get_tensor, linear_sites, producer_pairs, set_tensor
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 
-__all__ = ["ReorderOutliers", "outlier_order"]
+__all__ = ["ReorderOutliers", "OutlierLayout", "outlier_order"]
 
 aten = torch.ops.aten
 
@@ -40,13 +47,9 @@ def outlier_order(width: int, outliers: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.nonzero(keep).flatten(), outliers.long()])
 
 
-def _permute_stats(stats, order: torch.Tensor):
-    """A copy of a ChannelStats with every per-channel field permuted."""
-    import copy
-    new = copy.copy(stats)
-    for name in ("absmax", "min", "max", "sum_abs"):
-        setattr(new, name, getattr(stats, name)[order].clone())
-    return new
+class OutlierLayout(AnalysisResult[dict]):
+    """The ``outlier_layout`` analysis: linear module name -> {"order": LongTensor (column j of
+    the new layout reads old channel order[j]), "how": how the permutation was realized}."""
 
 
 def _head_perms(order: torch.Tensor, pair: ProducerPair, v_width: int) -> torch.Tensor | None:
@@ -69,6 +72,7 @@ def _head_perms(order: torch.Tensor, pair: ProducerPair, v_width: int) -> torch.
 
 
 @register_pass
+@dataclass(frozen=True)
 class ReorderOutliers(Pass):
     """Make each linear's outlier columns the last block of K (folding permutations into the
     producing linear where that is free, else gathering the input by index)."""
@@ -76,11 +80,14 @@ class ReorderOutliers(Pass):
     kind = PassKind.TRANSFORM
     requires = ("outliers",)
     provides = ("outlier_layout",)
+    preserves_float_model = True
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-        outliers: dict[str, torch.Tensor] = ctx.require("outliers", self.name)
-        stats = ctx.analyses.get("activation_stats", {})
-        layout = ctx.analyses.setdefault("outlier_layout", {})
+        outliers_in = ctx.require("outliers", self.name)
+        stats_in = ctx.analyses.get("activation_stats")
+        outliers: dict[str, torch.Tensor] = dict(outliers_in)        # new sets, built here
+        stats: dict[str, Any] = dict(stats_in or {})
+        layout: dict[str, dict] = dict(ctx.analyses.get("outlier_layout") or {})
         pairs = {p.consumer.node: p for p in producer_pairs(gm)}
         groups: dict[fx.Node, list] = {}
         for site in linear_sites(gm):
@@ -117,7 +124,7 @@ class ReorderOutliers(Pass):
             if k and how != "none needed":
                 st = stats.get(names[0])
                 if st is not None:
-                    new_st = _permute_stats(st, order)
+                    new_st = st.permuted(order)
                     for m in names:
                         if stats.get(m) is st:
                             stats[m] = new_st
@@ -126,7 +133,13 @@ class ReorderOutliers(Pass):
         gm.graph.lint()
         notes = [f"{folded} permutations folded into producers, {gathered} gathered in the op, "
                  f"{len(rows) - folded - gathered} inputs unchanged"]
-        return PassResult(gm, bool(folded or gathered), notes, rows)
+        updated: dict[str, Any] = {"outliers": _replaced(outliers_in, outliers),
+                                   "outlier_layout": OutlierLayout(layout)}
+        if stats_in is not None:
+            updated["activation_stats"] = _replaced(stats_in, stats)
+        moved = bool(folded or gathered)
+        invalidated = tuple(a for a in ("weight_clip", "gptq") if moved and a in ctx.analyses)
+        return PassResult(gm, moved, notes, rows, updated, invalidated)
 
     @staticmethod
     def _fold(gm: fx.GraphModule, sites: list, order: torch.Tensor, pairs: dict) -> str | None:
@@ -167,3 +180,9 @@ class ReorderOutliers(Pass):
         gather.meta["qcompile"] = {"outlier_gather": target, "module": first.module}
         for s in sites:
             s.node.replace_input_with(x, gather)
+
+
+def _replaced(result: Any, values: dict[str, Any]) -> Any:
+    """A new result of ``result``'s type holding ``values`` (a dict for a plain-dict input)."""
+    changed = {m: v for m, v in values.items() if m not in result or result[m] is not v}
+    return result.replace(changed) if hasattr(result, "replace") else {**result, **changed}

@@ -2,27 +2,35 @@
 
 An input channel's outlier score is its max |x| over the calibration set (``activation_stats``).
 The top-k channels of each linear input stay in fp16 under QUIK; linears that read the same
-tensor (q/k/v, gate/up) share one set. Provides ``outliers``: module -> LongTensor of input
-channel indices, ordered by ascending score (the most extreme channel last, as QUIK lays them out).
+tensor (q/k/v, gate/up) share one set. Provides ``outliers``, an ``OutlierSets``: module ->
+LongTensor of input channel indices, ordered by ascending score (the most extreme channel last,
+as QUIK lays them out).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from qcompile.analysis import AnalysisResult
 from qcompile.graph_query import linear_sites
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import matches
 
-__all__ = ["SelectOutliers"]
+__all__ = ["SelectOutliers", "OutlierSets"]
+
+
+class OutlierSets(AnalysisResult[torch.Tensor]):
+    """The ``outliers`` analysis: linear module name -> LongTensor of its outlier input channels,
+    ascending by calibration abs-max (most extreme last). Linears reading one input share a set.
+    ReorderOutliers replaces it by the sets of its new layout (the last k columns)."""
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class SelectOutliers(Pass):
     """Top-k input channels by calibration abs-max, per distinct linear input.
 
@@ -36,8 +44,8 @@ class SelectOutliers(Pass):
     proportional_down: bool = False
     min_width: int = 0
     threshold: float | None = None
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=lambda: ["re:(.*\\.)?lm_head"])
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ("re:(.*\\.)?lm_head",)
 
     kind = PassKind.ANALYSIS
     requires = ("activation_stats",)
@@ -49,6 +57,10 @@ class SelectOutliers(Pass):
         if isinstance(self.k, float) and not self.k < 1:
             raise ValueError(f"k={self.k} as a float is a fraction of the width and must be < 1; "
                              "pass an int for a count")
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
 
     def selected(self, module: str) -> bool:
         if self.targets is not None and not matches(module, self.targets):
@@ -99,11 +111,10 @@ class SelectOutliers(Pass):
                          "k-th |x| / median": round(float(score[idx].min()) / max(med, 1e-12), 1)
                          if idx.numel() else None,
                          "channels (most extreme last)": _short(idx.tolist())})
-        ctx.analyses["outliers"] = outliers
         total = sum(r["k"] for r in rows)
         notes = [f"{len(rows)} distinct linear inputs, {len(outliers)} linears, {total} outlier "
                  f"channels in all (k={self.k}{', proportional for wide inputs' if self.proportional_down else ''})"]
-        return PassResult(gm, False, notes, rows)
+        return PassResult(gm, False, notes, rows, updated={"outliers": OutlierSets(outliers)})
 
 
 def _short(values: list[int], limit: int = 12) -> str:

@@ -43,7 +43,7 @@ def test_logits_unchanged_and_layout(make, k):
     base = qcompile.compile(model, [ActivationStats(), SelectOutliers(k=k)], calibration=calib)
     before = {m: s.absmax.clone() for m, s in base.qcompile_analyses["activation_stats"].items()}
     gm = qcompile.compile(model, [ActivationStats(), SelectOutliers(k=k), ReorderOutliers()],
-                          calibration=calib)
+                          calibration=calib, probe=ids)  # verify-each checks the float model too
     out = gm(ids)
     assert (out - ref).abs().max() <= 1e-4
     _check_layout(gm, before)
@@ -62,6 +62,22 @@ def test_logits_unchanged_and_layout(make, k):
     assert q.input is v.input and q.input.target is aten.index_select.default
 
 
+def test_earlier_analyses_are_replaced_not_edited():
+    from qcompile.pass_manager import CompileContext, PassManager
+    gm = qcompile.trace(tiny_llama())
+    ctx = CompileContext(calibration=qcompile.calibrate.as_calibration(_calib()))
+    gm = PassManager([ActivationStats(), SelectOutliers(k=4)]).run(gm, ctx)
+    stats, outliers = ctx.analyses["activation_stats"], ctx.analyses["outliers"]
+    saved = {m: (s.absmax.clone(), outliers[m].clone()) for m, s in stats.items() if m in outliers}
+    PassManager([ReorderOutliers()], probe=_calib(n=1, seq=8)).run(gm, ctx)
+    for m, (absmax, idx) in saved.items():  # the old results still describe the old layout
+        assert torch.equal(stats[m].absmax, absmax) and torch.equal(outliers[m], idx)
+    assert ctx.analyses["outliers"] is not outliers and type(ctx.analyses["outliers"]) is type(outliers)
+    assert ctx.analyses["activation_stats"] is not stats
+    q, k = (ctx.analyses["activation_stats"][f"model.layers.0.self_attn.{p}_proj"] for p in "qk")
+    assert q is k  # linears reading one input still share one statistics object
+
+
 @pytest.mark.parametrize("kv_heads,expect", [(4, "folded into v_proj"), (2, "gather")])
 def test_v_o_folds_only_inside_heads(kv_heads, expect):
     """Outliers [63, 62] need a swap inside the last head: free when that head has its own value
@@ -73,9 +89,11 @@ def test_v_o_folds_only_inside_heads(kv_heads, expect):
     gm = qcompile.trace(model)
     o = next(s for s in linear_sites(gm) if s.module.endswith("layers.0.self_attn.o_proj"))
     ctx = CompileContext(analyses={"outliers": {o.module: torch.tensor([63, 62])}})
-    ReorderOutliers().run(gm, ctx)
+    res = ReorderOutliers().run(gm, ctx)
     gm.recompile()
-    assert ctx.analyses["outlier_layout"][o.module]["how"] == expect
+    assert res.updated["outlier_layout"][o.module]["how"] == expect
+    assert torch.equal(ctx.analyses["outliers"][o.module], torch.tensor([63, 62]))  # not edited in place
+    assert torch.equal(res.updated["outliers"][o.module], torch.tensor([62, 63]))
     assert (gm(ids) - ref).abs().max() <= 1e-4
 
 
