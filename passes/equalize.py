@@ -19,11 +19,15 @@ finite ("dead") keeps s = 1.
 Where 1/s goes (the sites, all found from dataflow by ``qcompile.graph_query``):
 
     site      producer of X                     1/s folded into              s folded into
-    norm      RMSNorm / LayerNorm               norm weight (and LN bias)    q/k/v, gate/up, fc1 columns
+    norm      RMSNorm / LayerNorm               norm weight (and bias)       q/k/v, gate/up, fc1 columns
     v_o       v_proj -> attention -> o_proj     v rows (and bias)            o columns (all query heads
                                                                               sharing a KV head: GQA)
     up_down   SiLU(gate) * up -> down_proj      up rows (and bias)           down columns (gate untouched)
     fc1_fc2   fc1 -> ReLU -> fc2                fc1 rows (and bias)          fc2 columns (s > 0 only)
+
+How a norm applies its weight is read from the graph (``graph_query.norm_affine``), never assumed
+from its class: ``x * w + b`` folds as w / s, b / s; Gemma's ``x * (1 + w)`` as
+w' = (1 + w) / s - 1; a norm whose weight step cannot be read is skipped with a note saying why.
 
 Why each fold is exact: a norm's output is affine in its weight/bias; attention output is a
 convex combination of value rows, so it is linear per value channel; SiLU(gate) * up is linear
@@ -31,9 +35,11 @@ in up; ReLU(x / s) = ReLU(x) / s for s > 0.
 
 Order: sites are processed in reverse graph order (the site whose consumers come last first), so
 a site's weight ranges are read after every later site has rescaled its producer's rows (v_o
-scales v's rows before the input-norm site reads v's columns), and the activation statistics
-of each site's consumers are divided by s after its fold, so later passes (static activation
-scales, a second Equalize) see the new ranges. One set of statistics therefore serves every site.
+scales v's rows before the input-norm site reads v's columns). The activation statistics of each
+site's consumers are divided by s after its fold; the pass returns them as a new
+``activation_stats`` (``PassResult.updated``, never edited in place), so later passes (static
+activation scales, a second Equalize) see the new ranges. It invalidates the analyses that
+described the old weights or ranges (``outliers``, ``weight_clip``, ``gptq``) if present.
 
 This is our reading of AWEQ (Li, Wang, Xu, arXiv 2311.01305) on the lineage of Nagel et al.'s
 cross-layer equalization (arXiv 1906.04721); see docs/aweq.md for where it may differ.
@@ -49,7 +55,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.formats import PerRow
-from qcompile.graph_query import LinearSite, get_tensor, norm_sites, producer_pairs, set_tensor
+from qcompile.graph_query import LinearSite, NormAffine, get_tensor, norm_sites, producer_pairs, set_tensor
 from qcompile.layerwise import layer_samples
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
 from qcompile.passes.equalize_search import DEFAULT_STRENGTHS, SearchTarget, choose_strength
@@ -58,6 +64,8 @@ from qcompile.targets import matches
 __all__ = ["Equalize", "equalization_scale"]
 
 SITE_KINDS = ("norm", "v_o", "up_down", "fc1_fc2")
+# analyses computed from the weights or activation ranges a fold changes
+_STALE_AFTER_FOLDS = ("outliers", "weight_clip", "gptq")
 _DEFAULT_IGNORE = ["re:(.*\\.)?lm_head"]
 
 
@@ -109,15 +117,19 @@ class _Site:
     fold_source: Callable[[fx.GraphModule, torch.Tensor], None]
     source_tensors: list[str] = field(default_factory=list)
     position: int = 0                # graph position of the first consumer (for ordering)
+    applies: str = ""                # how a norm applies its weight, as read from the graph
 
 
-def _fold_norm(weight: str, bias: str | None) -> Callable[[fx.GraphModule, torch.Tensor], None]:
+def _fold_norm(affine: NormAffine) -> Callable[[fx.GraphModule, torch.Tensor], None]:
+    """norm(x) / s, for the way the graph shows the norm applies its weight:
+    x * w + b -> w / s, b / s;  x * (c + w) + b -> w' = (c + w) / s - c, b / s  (Gemma: c = 1)."""
     def fold(gm: fx.GraphModule, s: torch.Tensor) -> None:
-        for target in (weight, bias):
-            if target is None:
-                continue
-            t = get_tensor(gm, target)
-            set_tensor(gm, target, t / s.to(t.dtype))               # norm(x) / s
+        w = get_tensor(gm, affine.weight)
+        b = get_tensor(gm, affine.bias) if affine.bias else None
+        w_new, b_new = affine.folded(w, b, s)
+        set_tensor(gm, affine.weight, w_new)
+        if affine.bias:
+            set_tensor(gm, affine.bias, b_new)
     return fold
 
 
@@ -138,17 +150,21 @@ def _collect_sites(gm: fx.GraphModule, kinds: tuple[str, ...], notes: list[str])
         for ns in norm_sites(gm):
             if not ns.foldable:
                 why = ("no consuming linear" if not ns.linears else
-                       "it has no weight to fold into" if ns.weight is None else
-                       "its output also feeds " + ", ".join(u.name for u in ns.other_users[:4]))
+                       "its output also feeds " + ", ".join(u.name for u in ns.other_users[:4])
+                       if ns.other_users else ns.why_not or "its weight could not be read")
                 notes.append(f"skipped norm {ns.module}: {why}")
                 continue
-            width = get_tensor(gm, ns.weight).shape[-1]
+            affine = ns.affine
+            width = get_tensor(gm, affine.weight).shape[-1]
             if any(lin.weight_tensor(gm).shape[1] != width for lin in ns.linears):
                 notes.append(f"skipped norm {ns.module}: consumer width differs from the norm's")
                 continue
+            if affine.bias and get_tensor(gm, affine.bias).shape != (width,):
+                notes.append(f"skipped norm {ns.module}: its bias is not one value per channel")
+                continue
             sites.append(_Site("norm", ns.module, list(ns.linears), width, torch.arange(width),
-                               _fold_norm(ns.weight, ns.bias), [t for t in (ns.weight, ns.bias) if t],
-                               min(position[lin.node] for lin in ns.linears)))
+                               _fold_norm(affine), [t for t in (affine.weight, affine.bias) if t],
+                               min(position[lin.node] for lin in ns.linears), affine.formula))
     pair_kinds = [k for k in kinds if k != "norm"]
     if pair_kinds:
         for pair in producer_pairs(gm):
@@ -194,19 +210,6 @@ def _weight_range(weights: list[torch.Tensor], cmap: torch.Tensor, channels: int
     return hi - lo
 
 
-def _divide_stats(st: Any, s_cols: torch.Tensor) -> None:
-    """X' = X / s: every per-channel statistic of the input scales by 1/s (s > 0)."""
-    st.absmax = (st.absmax.double() / s_cols).to(st.absmax.dtype)
-    st.min = (st.min.double() / s_cols).to(st.min.dtype)
-    st.max = (st.max.double() / s_cols).to(st.max.dtype)
-    if getattr(st, "sum_abs", None) is not None:
-        st.sum_abs = (st.sum_abs.double() / s_cols).to(st.sum_abs.dtype)
-    for extra in ("sum", "mean"):  # signed first moments, if a newer ChannelStats stores them
-        v = vars(st).get(extra)
-        if isinstance(v, torch.Tensor) and v.shape == s_cols.shape:
-            setattr(st, extra, (v.double() / s_cols).to(v.dtype))
-
-
 def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -214,7 +217,7 @@ def _short(name: str) -> str:
 # ---------------------------------------------------------------- the pass
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class Equalize(Pass):
     """Activation-weight equalization (AWEQ, or SmoothQuant's alpha migration), folded exactly.
 
@@ -224,7 +227,7 @@ class Equalize(Pass):
     ``targets`` is given) at least one consumer is targeted: a scale must reach every consumer of
     the scaled tensor, so a site is never split. ``ignore=None`` means ``["re:(.*\\.)?lm_head"]``
     (the head stays in float, and its weight is often tied to the embedding); pass ``[]`` to
-    ignore nothing. Requires ``activation_stats`` and updates it in place.
+    ignore nothing. Requires ``activation_stats`` and returns it updated (a new result).
 
     ``search``: the quantization the model will be lowered with (``{"w_bits": 4, "a_bits": None}``,
     QuantizeLinears' fields). With it, each site gets s ** t instead of s, the strength t taken
@@ -237,8 +240,8 @@ class Equalize(Pass):
     alpha: float = 0.5
     range_stat: str = "absmax"
     sites: tuple[str, ...] = SITE_KINDS
-    targets: list[str] | None = None
-    ignore: list[str] | None = None
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] | None = None
     min_scale: float = 1e-2
     max_scale: float = 1e2
     search: dict[str, Any] | None = None
@@ -247,6 +250,7 @@ class Equalize(Pass):
 
     kind = PassKind.TRANSFORM
     requires = ("activation_stats",)
+    preserves_float_model = True
 
     def __post_init__(self) -> None:
         if self.method not in ("aweq", "smoothquant"):
@@ -255,22 +259,29 @@ class Equalize(Pass):
             raise ValueError(f"Equalize: range_stat must be 'absmax' or 'minmax', got {self.range_stat!r}")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"Equalize: alpha must be in [0, 1], got {self.alpha}")
-        if isinstance(self.sites, str):
-            self.sites = (self.sites,)
-        self.sites = tuple(self.sites)
+        sites = (self.sites,) if isinstance(self.sites, str) else self.sites
+        object.__setattr__(self, "sites", tuple(sites))
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         unknown = set(self.sites) - set(SITE_KINDS)
         if unknown:
             raise ValueError(f"Equalize: unknown site kinds {sorted(unknown)}; choose from {SITE_KINDS}")
         if not (0 < self.min_scale <= 1.0 <= self.max_scale) or not math.isfinite(self.max_scale):
             raise ValueError(f"Equalize: need 0 < min_scale <= 1 <= max_scale < inf, got "
                              f"[{self.min_scale}, {self.max_scale}]")
-        self._target = None if self.search is None else SearchTarget.from_config(self.search)
-        self.strengths = tuple(float(t) for t in self.strengths)
+        object.__setattr__(self, "_target", None if self.search is None else SearchTarget.from_config(self.search))
+        object.__setattr__(self, "strengths", tuple(float(t) for t in self.strengths))
         if not self.strengths or any(not math.isfinite(t) or t < 0 for t in self.strengths):
             raise ValueError(f"Equalize: strengths must be non-negative numbers, got {self.strengths}")
         if self.search_tokens < 1:
             raise ValueError(f"Equalize: search_tokens must be >= 1, got {self.search_tokens}")
-        self.needs_calibration = self._target is not None  # type: ignore[misc]
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        """The strength search measures errors on calibration data."""
+        return self.search is not None
 
     def _ignore(self) -> list[str]:
         return list(_DEFAULT_IGNORE if self.ignore is None else self.ignore)
@@ -285,7 +296,8 @@ class Equalize(Pass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-        stats: dict[str, Any] = ctx.require("activation_stats", self.name)
+        stats_in = ctx.require("activation_stats", self.name)
+        stats: dict[str, Any] = dict(stats_in)   # working copy: module -> statistics after the folds
         notes: list[str] = []
         rows: list[dict[str, Any]] = []
         sites = _collect_sites(gm, self.sites, notes)
@@ -318,10 +330,22 @@ class Equalize(Pass):
             ts = [r["strength"] for r in rows]
             head += (f"; strength searched for {_describe(self._target)}: mean {sum(ts) / len(ts):.2f}, "
                      f"{sum(t == 0 for t in ts)} sites left unscaled")
+        forms: dict[str, int] = {}
+        for site in active:
+            if site.applies:
+                forms[site.applies] = forms.get(site.applies, 0) + 1
+        if forms:
+            notes.insert(0, "norms fold as they apply their weight: "
+                         + ", ".join(f"{f} ({n})" for f, n in forms.items()))
         missing_kinds = [k for k in self.sites if not any(s.kind == k for s in sites)]
         if missing_kinds:
             notes.append(f"no {', '.join(missing_kinds)} sites found in this graph")
-        return PassResult(gm, bool(rows), [head] + notes, rows)
+        updated, invalidated = {}, ()
+        if rows:
+            changed = {m: st for m, st in stats.items() if st is not stats_in.get(m)}
+            updated = {"activation_stats": _replaced(stats_in, changed)}
+            invalidated = tuple(a for a in _STALE_AFTER_FOLDS if a in ctx.analyses)
+        return PassResult(gm, bool(rows), [head] + notes, rows, updated, invalidated)
 
     def _why_skipped(self, site: _Site, stats: dict[str, Any], aliases: dict[str, str]) -> str | None:
         why = self._excluded(site)
@@ -360,8 +384,10 @@ class Equalize(Pass):
             for c in site.consumers:                         # W' = W * s (input columns)
                 w = c.weight_tensor(gm)
                 set_tensor(gm, c.weight, w * s_cols.to(w.dtype)[None, :])
-            for st in site_stats:
-                _divide_stats(st, s_cols)
+            new = {id(st): st.divided(s_cols) for st in site_stats}   # X' = X / s
+            for m, st in list(stats.items()):
+                if id(st) in new:
+                    stats[m] = new[id(st)]
         return {"site": site.kind, "source": site.source,
                 "consumers": ", ".join(_short(c.module) for c in site.consumers),
                 "channels": site.channels, "s min": float(s.min()), "s median": float(s.median()),
@@ -382,6 +408,13 @@ class Equalize(Pass):
                 if x is not None:
                     rows.append(self._equalize(gm, site, stats, x))
         return rows
+
+
+def _replaced(stats: Any, changed: dict[str, Any]) -> Any:
+    """``stats`` with ``changed`` modules replaced: a new result of the same type (or a dict)."""
+    if hasattr(stats, "replace"):
+        return stats.replace(changed)
+    return {**stats, **changed}
 
 
 def _label(site: _Site) -> str:

@@ -20,11 +20,15 @@ def _calib(n=4, seq=32, seed=3):
     return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
+PROBE = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+
+
 def _run(model_or_gm, passes, calib=None):
-    """Trace (if needed) and run ``passes`` with a context we keep (for the analyses)."""
+    """Trace (if needed) and run ``passes`` with a context we keep (for the analyses), verifying
+    on a probe that Equalize keeps the float model."""
     gm = model_or_gm if isinstance(model_or_gm, torch.fx.GraphModule) else qcompile.trace(model_or_gm)
     ctx = CompileContext(calibration=as_calibration(_calib() if calib is None else calib))
-    gm = PassManager(passes).run(gm, ctx)
+    gm = PassManager(passes, probe=PROBE).run(gm, ctx)
     return gm, ctx
 
 
@@ -47,7 +51,7 @@ def test_each_site_kind_is_found_folded_and_exact(make, kind, count, method):
     gm, ctx = _run(model, [ActivationStats()])
     before = _snapshot(gm)
     eq = Equalize(method=method, alpha=0.6, sites=(kind,))
-    gm = PassManager([eq]).run(gm, ctx)
+    gm = PassManager([eq], probe=ids).run(gm, ctx)
     with torch.no_grad():
         out = gm(ids)
     assert (out - ref).abs().max() <= 1e-4
@@ -200,8 +204,14 @@ def test_norm_without_consuming_linear_is_skipped_and_logged():
 
 def test_second_equalize_is_identity_and_stats_follow_the_folds():
     model = tiny_llama()
-    gm, ctx = _run(model, [ActivationStats(), Equalize()])
+    gm, ctx = _run(model, [ActivationStats()])
+    measured = ctx.analyses["activation_stats"]
+    saved = {m: st.absmax.clone() for m, st in measured.items()}
+    gm = PassManager([Equalize()], probe=PROBE).run(gm, ctx)
     updated = ctx.analyses["activation_stats"]
+    # Equalize returned new statistics (same type); the ones ActivationStats provided are untouched
+    assert updated is not measured and type(updated) is type(measured)
+    assert all(torch.equal(measured[m].absmax, a) for m, a in saved.items())
     # the in-place updated statistics equal statistics measured afresh on the equalized graph
     _, fresh_ctx = _run(gm, [ActivationStats()])
     fresh = fresh_ctx.analyses["activation_stats"]
@@ -228,6 +238,7 @@ def test_targets_and_ignore_select_sites_by_consumer_name():
     assert not any(src.endswith("input_layernorm") for _, src in sites)  # k_proj reads it
     assert any(src.endswith("post_attention_layernorm") for _, src in sites)
     assert sum("is ignored" in n for n in res.notes) == 2 + 2  # 2 v_o, 2 input norms
+    assert tuple(res.updated) == ("activation_stats",)
     # an explicit ignore list replaces the default one, so the final norm -> lm_head site is used
     assert ("norm", "model.norm") in sites
 
