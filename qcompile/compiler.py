@@ -12,7 +12,7 @@ from torch import nn
 from qcompile.calibrate import as_calibration
 from qcompile.frontend import trace
 from qcompile.instruments import CompileReport, ReportInstrument
-from qcompile.evaluate import logits_of
+from qcompile.outputs import logits_of
 from qcompile.pass_manager import CompileContext, PassManager
 
 __all__ = ["compile"]

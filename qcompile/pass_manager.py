@@ -5,6 +5,9 @@ not the pass, checks requirements before anything runs, recompiles and lints aft
 stores the analyses a pass returns (and drops the ones it invalidates), verifies that a pass
 declaring ``preserves_float_model`` kept the model's output on the probe input (verify-each),
 and calls the instruments (diff, timing, numeric probe). Passes never print.
+
+This module imports no pass: the built-in passes register themselves when ``qcompile.passes`` is
+imported.
 """
 
 from __future__ import annotations
@@ -238,8 +241,8 @@ def function_pass(fn: Callable | None = None, *, name: str | None = None,
 
 
 def registered_passes() -> dict[str, Any]:
-    """Name -> pass class (or function-pass instance) for every registered pass."""
-    import qcompile.passes  # noqa: F401 - registers the built-in passes
+    """Name -> pass class (or function-pass instance) for every registered pass (the built-in
+    ones once ``qcompile.passes`` has been imported, which ``import qcompile`` does)."""
     return dict(_REGISTRY)
 
 
