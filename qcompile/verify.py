@@ -10,7 +10,7 @@ output diverged.
 Tolerance (relative to the largest |output|): ``max(1e-4, 8 eps(dtype))``, i.e. 1e-4 for float32,
 0.0625 for bfloat16, 0.0078 for float16. Measured on correct folds: float32 changes the logits of
 random LLaMA, OPT, Gemma, Gemma-2 and Phi models by at most 7e-7 of their max and SmolLM2's by
-about 1e-6 (tens of rounding steps accumulated over the layers; Gemma's ``(1 + w) / s - 1``
+1.7e-6 (tens of rounding steps accumulated over the layers; Gemma's ``(1 + w) / s - 1``
 cancels digits when s is large); bfloat16 by up to 2e-2 (2.5 eps). A wrong fold changes the
 logits by tens of percent. The float32 bound leaves two orders of magnitude for deeper models and
 still catches a fold that is wrong by a fraction of a percent.
@@ -38,6 +38,7 @@ from qcompile.frontend import module_name_of
 __all__ = ["float_tolerance", "ProbeTrace", "Divergence", "compare"]
 
 _MAX_PERMUTED_CHANNELS = 16384  # a channel permutation is looked for up to this width
+_SAMPLE_ROWS = 64               # module outputs are kept for this many tokens (rows) only
 
 
 def float_tolerance(dtype: torch.dtype) -> float:
@@ -75,14 +76,18 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        for scope in self.leaving.get(n, ()):
-            self.outputs[scope] = (self._position[n], out)  # later values replace earlier ones
+        scopes = self.leaving.get(n, ())
+        if scopes:
+            kept = _sample(out)
+            for scope in scopes:
+                self.outputs[scope] = (self._position[n], kept)  # later values replace earlier ones
         return out
 
 
 @dataclass
 class ProbeTrace:
-    """The graph's output on the probe and every module's output, in graph order."""
+    """The graph's output on the probe and every module's output (its first tokens), with the
+    graph position of the node that produced it."""
 
     outputs: list[torch.Tensor]
     modules: dict[str, tuple[int, list[torch.Tensor]]] = field(default_factory=dict)
@@ -92,13 +97,24 @@ class ProbeTrace:
     def take(cls, gm: fx.GraphModule, args: Sequence[Any]) -> "ProbeTrace":
         rec = _Recorder(gm)
         out = rec.run(*args)
-        modules = {m: (pos, _tensors(v)) for m, (pos, v) in rec.outputs.items()}
+        modules = {m: (pos, v) for m, (pos, v) in rec.outputs.items()}
         return cls(_tensors(out), modules)
 
     @property
     def dtype(self) -> torch.dtype:
         floats = [t.dtype for t in self.outputs if t.is_floating_point()]
         return floats[0] if floats else torch.float32
+
+
+def _sample(value: Any) -> list[torch.Tensor]:
+    """The first rows (tokens) of every tensor in ``value``, copied: localizing needs a sample,
+    and a large probe must not keep every module's whole activation alive."""
+    out = []
+    for t in _tensors(value):
+        if t.dim() >= 2 and t.numel() // t.shape[-1] > _SAMPLE_ROWS:
+            t = t.reshape(-1, t.shape[-1])[:_SAMPLE_ROWS]
+        out.append(t.clone())
+    return out
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
