@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from qcompile import atomic_dir
 
 __all__ = ["load", "cache_dir", "ModelLoadError", "BUILTIN_MODELS", "builtin_gguf_path"]
 
@@ -76,8 +76,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
 
 def _load_gguf_cached(gguf: Path, cache_name: str, dtype: torch.dtype):
     target = cache_dir() / cache_name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return _load_hf_dir(target, dtype)
+    cached = atomic_dir.current(target)  # the target, or the aside copy of a killed writer
+    if cached is not None and _complete_cache(cached):
+        return _load_hf_dir(cached, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -89,15 +90,20 @@ def _load_gguf_cached(gguf: Path, cache_name: str, dtype: torch.dtype):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_name}-", dir=target.parent))
-    try:
+    _write_cache(target, model, tokenizer)
+    return _load_hf_dir(target, dtype)
+
+
+def _complete_cache(path: Path) -> bool:
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path / "config.json").is_file() and weights
+
+
+def _write_cache(target: Path, model, tokenizer) -> None:
+    """Write the float checkpoint crash-safely: ``target`` is always absent, the old cache or the
+    new one, each complete (see ``qcompile.atomic_dir``), whenever the process dies."""
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a half-written cache is never used
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _load_hf_dir(target, dtype)
+
+    atomic_dir.write_dir(target, fill)
