@@ -40,9 +40,8 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
 
     def quik(k: int, gptq: bool, clip: bool = False, d8: bool = False, bits: int = 4) -> Callable[[], list]:
         def make() -> list:
-            p: list = []
-            if k:
-                p += [ActivationStats(), SelectOutliers(k=k), ReorderOutliers()]
+            # the outlier lowering requires the ``outliers`` analysis: k = 0 selects none
+            p: list = [ActivationStats(), SelectOutliers(k=k)] + ([ReorderOutliers()] if k else [])
             if gptq:
                 p.append(GPTQ(w_bits=bits, outliers="keep_fp16" if k else None, clip=clip,
                               overrides={"re:.*down_proj": {"w_bits": 8}} if d8 else {}))

@@ -138,7 +138,7 @@ class _Moments:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class BiasCorrection(Pass):
     """Subtract each quantized linear's mean output error from its bias (AWEQ's BEC).
 

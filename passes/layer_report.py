@@ -17,11 +17,32 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from qcompile.analysis import AnalysisResult
 from qcompile.formats import LoweredNode, lowered_nodes
 from qcompile.graph_query import layer_index
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 
-__all__ = ["LayerReport"]
+__all__ = ["LayerReport", "LayerReportRows", "ActivationProfiles"]
+
+
+class LayerReportRows(AnalysisResult[dict]):
+    """``layer_report``: module -> its row (scheme, bits, outliers, weight and output SQNR, GPTQ
+    error); ``rows`` lists them in graph order (what ``qcompile report`` prints and saves)."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.values())
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+class ActivationProfiles(AnalysisResult[dict]):
+    """``activation_profiles``: module -> per-channel input abs-max and outlier channels, for a
+    few layers (the CLI plots them)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self)
 
 
 def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -49,7 +70,7 @@ class _Capture(fx.Interpreter):
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class LayerReport(Pass):
     """Measures every quantized linear against its float weights on ``batches`` calibration batches."""
 
@@ -95,14 +116,14 @@ class LayerReport(Pass):
                          "weight SQNR dB": round(_sqnr_db(floats[module], w_hat), 2),
                          "output SQNR dB": round(_sqnr_db(yf, yq), 2),
                          "GPTQ error": None if g is None else _gptq_error(g)})
-        ctx.analyses["layer_report"] = rows
-        ctx.analyses["activation_profiles"] = _profiles(ctx, rows, self.profile_layers)
+        updated = {"layer_report": LayerReportRows({r["module"]: r for r in rows}),
+                   "activation_profiles": ActivationProfiles(_profiles(ctx, rows, self.profile_layers))}
         worst = min(rows, key=lambda r: r["output SQNR dB"], default=None)
         notes = [f"{len(rows)} quantized linears measured on {min(self.batches, ctx.calibration.num_batches)} "
                  "calibration batch(es)"]
         if worst:
             notes.append(f"lowest output SQNR: {worst['output SQNR dB']} dB at {worst['module']}")
-        return PassResult(gm, False, notes)
+        return PassResult(gm, False, notes, updated=updated)
 
 
 def _gptq_error(record: Any) -> float | None:

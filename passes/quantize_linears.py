@@ -26,11 +26,22 @@ from torch import nn
 import qcompile.kernels.ops  # noqa: F401 - registers torch.ops.qcompile
 from qcompile.formats import (LinearSpec, LoweredScheme, PerRow, PerTensor, PerToken, WeightInput, emit,
                               granularity_from, scheme_for)
+from qcompile.analysis import AnalysisResult
 from qcompile.graph_query import LinearSite, get_tensor, linear_sites
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, selected
 
-__all__ = ["QuantizeLinears", "LinearSpec"]
+__all__ = ["QuantizeLinears", "LinearSpec", "FloatWeights", "LoweredLinears"]
+
+
+class FloatWeights(AnalysisResult[torch.Tensor]):
+    """``float_weights``: module -> the float weight [N, K] a linear had when it was lowered, for
+    passes that compare the quantized layer with the float one (BiasCorrection, LayerReport).
+    Large: ``compile`` drops it before returning."""
+
+
+class LoweredLinears(AnalysisResult[LoweredScheme]):
+    """``lowered_linears``: module -> the scheme its linear was lowered with."""
 
 _OVERRIDABLE = {"w_bits", "a_bits", "w_granularity", "w_symmetric", "a_granularity", "outliers"}
 
@@ -91,9 +102,10 @@ class QuantizeLinears(Pass):
 
     @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
-        """Static activation scales need ``activation_stats``."""
-        static = any(not s.weight_only and isinstance(s.a_granularity, PerTensor) for s in self._specs())
-        return ("activation_stats",) if static else ()
+        """Static activation scales need ``activation_stats``; float outlier columns ``outliers``."""
+        specs = self._specs()
+        static = any(not s.weight_only and isinstance(s.a_granularity, PerTensor) for s in specs)
+        return (("activation_stats",) if static else ()) + (("outliers",) if any(s.outliers for s in specs) else ())
 
     def config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("w_bits", "a_bits", "w_granularity", "w_symmetric",
@@ -113,8 +125,8 @@ class QuantizeLinears(Pass):
         outlier_sets = ctx.analyses.get("outliers", {})
         gptq = ctx.analyses.get("gptq", {})
         clips = ctx.analyses.get("weight_clip", {})
-        float_weights = dict(ctx.analyses.get("float_weights", {}))
-        lowered = dict(ctx.analyses.get("lowered_linears", {}))
+        float_weights: dict[str, torch.Tensor] = {}
+        lowered: dict[str, LoweredScheme] = {}
         rows, skipped = [], []
         for site in linear_sites(gm):
             if not self.selected(site.module):
@@ -128,13 +140,19 @@ class QuantizeLinears(Pass):
             lowered[site.module] = scheme
         _drop_dead_gathers(gm)
         _drop_unused_weights(gm)
-        ctx.analyses["float_weights"] = float_weights
-        ctx.analyses["lowered_linears"] = lowered
         notes = [f"lowered {len(rows)} linears"]
         if skipped:
             notes.append(f"kept in float ({len(skipped)}): {', '.join(skipped[:8])}"
                          + (" ..." if len(skipped) > 8 else ""))
-        return PassResult(gm, bool(rows), notes, rows)
+        updated = {"float_weights": _merged(ctx, "float_weights", FloatWeights, float_weights),
+                   "lowered_linears": _merged(ctx, "lowered_linears", LoweredLinears, lowered)}
+        return PassResult(gm, bool(rows), notes, rows, updated=updated)
+
+
+def _merged(ctx: CompileContext, name: str, kind: type, new: dict[str, Any]) -> AnalysisResult:
+    """A new result: an earlier lowering's entries (a second QuantizeLinears) plus this one's."""
+    old = ctx.analyses.get(name)
+    return old.replace(new) if isinstance(old, kind) else kind(new)
 
 
 def _absorbed_gather(x: Any) -> tuple[Any, fx.Node | None]:

@@ -161,7 +161,7 @@ def test_new_scheme_in_one_place_lowers_runs_saves_reports_and_applies_to_eager(
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5 * float(expect.abs().max()))
     assert float((got - _logits(model, IDS)).abs().max()) > 0  # it did quantize
     # reports: every lowered linear, with the lowering's own weight SQNR
-    report = gm.qcompile_analyses["layer_report"]
+    report = gm.qcompile_analyses["layer_report"].rows
     assert {r["module"] for r in report} == {ln.module for ln in nodes}
     assert all(r["scheme"] == "W6A16 g16 (toy)" and 25 < r["weight SQNR dB"] < 60 for r in report)
     # saves and loads, bit for bit

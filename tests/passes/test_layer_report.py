@@ -23,7 +23,7 @@ PIPELINES = {
 def test_report_agrees_with_the_lowering_and_errors_are_small(make, name):
     gm = qcompile.compile(make(), calibration=CALIB, passes=PIPELINES[name]() + [LayerReport()])
     lowering = {r["module"]: r["weight SQNR dB"] for r in gm.qcompile_report["QuantizeLinears"].table}
-    rows = gm.qcompile_analyses["layer_report"]
+    rows = gm.qcompile_analyses["layer_report"].rows
     assert {r["module"] for r in rows} == set(lowering)
     for r in rows:
         # the weight the op applies, read off the op, is the weight the lowering quantized
