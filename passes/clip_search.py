@@ -26,7 +26,7 @@ from qcompile.formats import Granularity, PerRow, granularity_from, quantize_wei
 from qcompile.graph_query import linear_sites
 from qcompile.layerwise import layer_samples
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
-from qcompile.targets import matches
+from qcompile.targets import selected
 
 __all__ = ["ClipSearch", "ClipRecord", "WeightClips", "row_clip_ratios"]
 
@@ -102,9 +102,7 @@ class ClipSearch(Pass):
             raise ValueError(f"ClipSearch: search_tokens must be >= 1, got {self.search_tokens}")
 
     def selected(self, module: str) -> bool:
-        if self.targets is not None and not matches(module, self.targets):
-            return False
-        return not matches(module, self.ignore)
+        return selected(module, self.targets, self.ignore)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         if ctx.calibration is None:

@@ -28,31 +28,22 @@ import torch
 import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
+from qcompile.formats import RoundedWeights
 from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
-from qcompile.targets import first_match, matches
+from qcompile.targets import first_match, selected
 
 __all__ = ["GPTQ", "GPTQRecord", "GPTQRecords"]
 
 
 @dataclass(frozen=True)
-class GPTQRecord:
-    """What the lowering needs from GPTQ for one linear (see ``qcompile.gptq_math.GPTQResult``).
+class GPTQRecord(RoundedWeights):
+    """What the lowering needs from GPTQ for one linear (see ``qcompile.gptq_math.GPTQResult``):
+    the integers (``RoundedWeights``), the float columns' values ``outlier_weight`` [N, k], and
+    GPTQ's and RTN's layer errors."""
 
-    ``q`` int8 [N, Kq] holds the quantized columns ``quant_idx`` (ascending); ``outlier_idx`` the
-    float columns, whose values are ``outlier_weight`` [N, k].
-    """
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    bits: int
-    group_size: int
-    symmetric: bool
-    quant_idx: torch.Tensor
-    outlier_idx: torch.Tensor
     outlier_weight: torch.Tensor
     error: float
     rtn_error: float
@@ -130,9 +121,7 @@ class GPTQ(Pass):
                 over.get("symmetric", self.symmetric), over.get("clip", self.clip))
 
     def selected(self, module: str) -> bool:
-        if self.targets is not None and not matches(module, self.targets):
-            return False
-        return not matches(module, self.ignore)
+        return selected(module, self.targets, self.ignore)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         start, cpu_start = time.perf_counter(), time.process_time()

@@ -18,7 +18,7 @@ import torch.fx as fx
 from qcompile.analysis import AnalysisResult
 from qcompile.graph_query import linear_sites
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
-from qcompile.targets import matches
+from qcompile.targets import selected
 
 __all__ = ["SelectOutliers", "OutlierSets"]
 
@@ -63,9 +63,7 @@ class SelectOutliers(Pass):
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
 
     def selected(self, module: str) -> bool:
-        if self.targets is not None and not matches(module, self.targets):
-            return False
-        return not matches(module, self.ignore)
+        return selected(module, self.targets, self.ignore)
 
     def count_for(self, width: int, model_width: int) -> int:
         if isinstance(self.k, float):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -26,12 +26,18 @@ from qcompile.formats.granularity import Granularity, PerRow, PerToken, granular
 
 __all__ = ["LoweredScheme", "TensorSpec", "WeightInput", "Lowering", "RoundedWeights", "LinearSpec",
            "register_scheme", "registered_schemes", "scheme_from_json", "scheme_for", "scheme_for_op",
-           "sqnr_db"]
+           "sqnr_db", "NotRepresentable"]
 
 
-class RoundedWeights(Protocol):
+class NotRepresentable(ValueError):
+    """A scheme (or one layer of it) has no representation in an export format; the message says
+    why and what to use instead."""
+
+
+@dataclass(frozen=True)
+class RoundedWeights:
     """Integers another pass already chose for a linear (GPTQ's record): ``q`` int8 [N, Kq] over
-    the columns ``quant_idx``; float columns ``outlier_idx``; scales/zeros [N, G]."""
+    the columns ``quant_idx`` (ascending); the float columns ``outlier_idx``; scales/zeros [N, G]."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -197,6 +203,22 @@ class LoweredScheme(ABC):
     @abstractmethod
     def storage(self) -> tuple[TensorSpec, ...]:
         """What the scheme stores, by name (shapes in terms of N, K, G, Kq, k_out)."""
+
+    # ---- export: how other checkpoint formats name and lay out this scheme (``qcompile.export``
+    # asks the scheme, nowhere else). A scheme without a representation keeps these defaults.
+    def compressed_tensors_scheme(self) -> dict[str, Any]:
+        """The compressed-tensors description of this scheme, as plain JSON (no import of the
+        package here): ``{"format": ..., "weights": {QuantizationArgs}, "input_activations":
+        {QuantizationArgs} | None}``. Raises ``NotRepresentable`` when the format has none."""
+        raise NotRepresentable(f"{self.describe()} ({self.kind!r}) has no compressed-tensors representation")
+
+    def compressed_tensors_tensors(self, tensors: Mapping[str, torch.Tensor], in_features: int,
+                                   float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """This layer's stored tensors under the compressed-tensors names of one module
+        (``weight`` / ``weight_packed``, ``weight_scale``, ...; not the bias), laid out as that
+        format's loaders read them, the integers exactly the stored ones (never re-rounded from
+        float), float tensors in ``float_dtype``. Raises ``NotRepresentable``."""
+        raise NotRepresentable(f"{self.describe()} ({self.kind!r}) has no compressed-tensors representation")
 
     def clip_from(self, record: Any, rows: int) -> torch.Tensor | None:
         """A ClipSearch record's per-row ratios, when they were searched for this scheme's grid."""
