@@ -748,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_no += 1
             if fuzz.total() == before:  # hypothesis generated nothing new
                 break
+            if done < args.cases:
+                print(f"  {done} cases passed ({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
     except Exception as err:  # noqa: BLE001 - AssertionError, or hypothesis' group of them
         print(f"FAILED after {fuzz.total()} passing cases: {err}", file=sys.stderr)
         for sub in getattr(err, "exceptions", [err]):

@@ -78,7 +78,7 @@ def fsync_tree(root: Path) -> None:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
                 _fsync_path(path, os.O_RDONLY)
-        _fsync_path(dirpath, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        _fsync_dir(Path(dirpath))
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
