@@ -1,9 +1,9 @@
 """The lowered ops: ``torch.library.custom_op``s, one opaque graph node per quantized linear.
 
-Each op dispatches to its Triton kernel on CUDA tensors (when triton imports) and to the
-pure-torch reference elsewhere; all share one fake (meta) implementation so a lowered graph
-still exports and compiles. Importing this module never imports triton: the kernel files jit
-their kernels on the first CUDA launch.
+Each op dispatches to its Triton kernel on CUDA tensors (when triton imports), to the CPU
+integer kernels (``cpu_linear``) on CPU tensors, and to the pure-torch reference elsewhere; all
+share one fake (meta) implementation so a lowered graph still exports and compiles. Importing
+this module never imports triton: the kernel files jit their kernels on the first CUDA launch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qcompile.kernels import cpu_linear
 from qcompile.kernels.w8a8_gemm import w8a8_linear_reference, w8a8_linear_triton
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference, weight_only_linear_triton
 
@@ -40,6 +41,12 @@ def _use_triton(x: Tensor, *tensors: Tensor) -> bool:
             and _triton_importable())
 
 
+def _use_cpu(x: Tensor, *tensors: Tensor) -> bool:
+    """CPU tensors run the CPU integer kernels (``cpu_linear``; each falls back to the reference
+    for what it cannot take, and says so once). Tests monkeypatch this to force the reference."""
+    return x.device.type == "cpu" and all(t.device.type == "cpu" for t in tensors)
+
+
 def _linear_fake(x: Tensor, out_features: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
@@ -58,6 +65,8 @@ def w8a8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     _check_input(x, qweight.shape[1], "qcompile::w8a8_linear")
     if _use_triton(x, qweight) and qweight.shape[1] >= 16:  # tl.dot needs K >= 16
         return w8a8_linear_triton(x, qweight, w_scale, bias, act_scale)
+    if _use_cpu(x, qweight):
+        return cpu_linear.w8a8_linear_cpu(x, qweight, w_scale, bias, act_scale)
     return w8a8_linear_reference(x, qweight, w_scale, bias, act_scale)
 
 
@@ -73,6 +82,8 @@ def weight_only_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Optional
     _check_input(x, in_features, "qcompile::weight_only_linear")
     if _use_triton(x, qweight) and in_features >= 16:  # tl.dot needs K >= 16
         return weight_only_linear_triton(x, qweight, scale, zero, bias, bits, group_size, in_features)
+    if _use_cpu(x, qweight):
+        return cpu_linear.weight_only_linear_cpu(x, qweight, scale, zero, bias, bits, group_size, in_features)
     return weight_only_linear_reference(x, qweight, scale, zero, bias, bits, group_size, in_features)
 
 
@@ -101,6 +112,9 @@ def w4a4_outlier_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum: Te
         from qcompile.kernels.w4a4_outlier_gemm import w4a4_outlier_linear_triton
         return w4a4_outlier_linear_triton(x, qweight, w_scale, row_sum, outlier_weight, outlier_idx,
                                           perm, bias, a_bits)
+    if _use_cpu(x, qweight):
+        return cpu_linear.w4a4_outlier_linear_cpu(x, qweight, w_scale, row_sum, outlier_weight, outlier_idx,
+                                                  perm, bias, a_bits)
     return w4a4_outlier_linear_reference(x, qweight, w_scale, row_sum, outlier_weight, outlier_idx,
                                          perm, bias, a_bits)
 

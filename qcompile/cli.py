@@ -136,8 +136,11 @@ def _tokenizer_of(path: Path):
 
 
 def cmd_eval(args) -> None:
-    import qcompile
+    import torch
     from tabulate import tabulate
+
+    import qcompile
+    from qcompile import fast_generate
 
     text = _text(args.data, DEFAULT_TEST, "data file")
     target = Path(args.model)
@@ -145,17 +148,27 @@ def cmd_eval(args) -> None:
     if target.is_dir() and (target / "qcompile.json").is_file():
         gm = _load_compiled(args.model)
         tok = _tokenizer_of(target)
+        compiled: Any = gm
+        if not args.no_fast:  # the eager twin on the CPU fast path (bf16 float parts where that helps)
+            try:
+                compiled = fast_generate.from_saved(gm, dtype=args.dtype)
+            except ValueError:
+                compiled = gm  # not compiled from a HF model: the graph itself
+        dtype = getattr(compiled, "dtype", torch.float32)
         ref = gm.meta.get("qcompile_model_ref")
         if ref and not args.no_float:
             try:
-                models.append((f"float ({ref})", qcompile.models.load(ref)[0]))
+                float_model = qcompile.models.load(ref)[0]
+                models.append((f"float ({ref})", float_model if args.no_fast else
+                               fast_generate.FastModel(float_model, dtype=dtype)))
             except qcompile.models.ModelLoadError:
                 pass
         recipe = (gm.meta.get("qcompile_recipe") or {}).get("name", "compiled")
-        models.append((f"{recipe} ({target.name})", gm))
+        models.append((f"{recipe} ({target.name})", compiled))
     else:
         model, tok = _load_model(args.model)
-        models.append((f"float ({args.model})", model))
+        models.append((f"float ({args.model})", model if args.no_fast else
+                       fast_generate.FastModel(model, dtype=args.dtype)))
     rows = []
     for name, m in models:
         t0 = time.perf_counter()
@@ -163,8 +176,10 @@ def cmd_eval(args) -> None:
             ppl = qcompile.evaluate.perplexity(m, tok, text, seq_len=args.seq_len, max_windows=args.windows)
         except qcompile.data.DataError as err:
             raise CLIError(str(err)) from err
-        rows.append([name, f"{ppl:.3f}", f"{time.perf_counter() - t0:.1f}"])
-    print(tabulate(rows, headers=["model", f"perplexity ({args.windows or 'all'} x {args.seq_len})", "time s"]))
+        dtype = str(getattr(m, "dtype", torch.float32)).replace("torch.", "")
+        rows.append([name, dtype, f"{ppl:.3f}", f"{time.perf_counter() - t0:.1f}"])
+    print(tabulate(rows, headers=["model", "float dtype", f"perplexity ({args.windows or 'all'} x {args.seq_len})",
+                                  "time s"]))
 
 
 def cmd_diff(args) -> None:
@@ -218,9 +233,17 @@ def cmd_generate(args) -> None:
     ids = tok(prompt, return_tensors="pt").input_ids
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             temperature=args.temperature if args.sample else None,
-                             top_p=args.top_p if args.sample else None, pad_token_id=tok.eos_token_id)
+        if args.no_fast:  # HF generate on the float32 eager twin
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                 temperature=args.temperature if args.sample else None,
+                                 top_p=args.top_p if args.sample else None, pad_token_id=tok.eos_token_id)
+        else:  # the CPU fast path: bf16 float parts where that helps, compiled static-cache decode
+            from qcompile.fast_generate import FastModel
+            runner = FastModel(model, dtype=args.dtype, compile_decode={"auto": "auto", "yes": True,
+                                                                        "no": False}[args.compile])
+            eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
+            out = runner.generate(ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                                  top_p=args.top_p, eos_token_id=eos)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
@@ -275,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--no-float", action="store_true", help="skip the float model")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="float parts' dtype on the fast path (auto: bf16 on CPUs with bf16 arithmetic)")
+    p.add_argument("--no-fast", action="store_true", help="run the saved graph itself in float32 (no fast path)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("diff", help="per-pass graph diffs of a recipe")
@@ -298,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="float parts' dtype (auto: bf16 on CPUs with bf16 arithmetic, for models of 10M+ parameters)")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                   help="compile the decode step (torch.compile; auto: for 256+ new tokens)")
+    p.add_argument("--no-fast", action="store_true", help="HF generate on the float32 model instead of the fast path")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="kernel benchmarks (needs a GPU)")

@@ -52,7 +52,8 @@ def test_cuda_path_runs_the_triton_kernels_and_matches_the_reference(monkeypatch
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_cpu_tensors_use_the_reference(monkeypatch):
+def test_cpu_tensors_never_run_the_triton_launchers(monkeypatch):
+    """CPU tensors run the CPU kernels (tests/kernels/test_cpu_kernels.py) or the reference."""
     gm = _tiny_lowered("w8a8")
 
     def boom(*args, **kwargs):

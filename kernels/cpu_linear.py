@@ -1,0 +1,313 @@
+"""The lowered ops on CPU tensors: real integer kernels, chosen per shape, equal to the references.
+
+Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see docs/kernels.md):
+
+- ``w8a8_linear_cpu``: per-token (or static) int8 quantization of x (native, vectorized), then
+  the int8 x int8 -> int32 GEMM -- for M <= ``GEMV_MAX_M`` the native AVX-512 VNNI GEMV over
+  the stored int8 [N, K] weight, above it ``torch._int_mm`` (oneDNN) -- then the native epilogue
+  ``(acc * s_x[m]) * s_w[n] + bias[n]``. The int32 accumulator is exact and every float step
+  repeats the reference's, so the result equals ``w8a8_linear_reference`` bit for bit.
+- ``w4a4_outlier_linear_cpu`` (QUIK): the reference's column split, native asymmetric per-token
+  quantization of the Kq columns, the same integer GEMMs over the int4 weight unpacked once to
+  int8 (int4 values are int8 values), the reference's float32 outlier GEMM, and the native epilogue
+  in the reference's order: equal to ``w4a4_outlier_linear_reference`` bit for bit (the outlier
+  GEMM is the same BLAS call on the same operands).
+- ``weight_only_linear_cpu``: for M <= ``INT4PACK_MAX_M`` packed 4/3-bit weights run
+  ``torch._weight_int4pack_mm_for_cpu`` and symmetric per-row int8 weights
+  ``torch._weight_int8pack_mm`` (equal to the reference to float rounding: the kernels fold the
+  scales in their own order); otherwise the weight is dequantized natively (the reference's float32
+  arithmetic, one pass) and ``F.linear`` runs on it: equal to ``weight_only_linear_reference``
+  bit for bit.
+
+Layouts are prepared on the first CPU call of a layer and cached against its stored tensors
+(``_layout``); a change of the stored tensors (in place or replaced) rebuilds them. Shapes or
+dtypes a kernel cannot take fall back (to the reference, or to the dequantize path) and say so
+once per kind of shape on the ``qcompile.kernels.cpu`` logger.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from qcompile.formats import is_packed
+from qcompile.formats.cpu_layout import int4pack_layout, int8_colsum, int8pack_scale, quik_int8_weight
+from qcompile.kernels import cpu_native
+from qcompile.kernels.w4a4_outlier_gemm import (split_outlier_columns, w4a4_outlier_linear_reference,
+                                                weight_bits_of)
+from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
+from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
+
+__all__ = ["w8a8_linear_cpu", "weight_only_linear_cpu", "w4a4_outlier_linear_cpu", "GEMV_MAX_M",
+           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "layout_builds", "fallbacks_said"]
+
+log = logging.getLogger("qcompile.kernels.cpu")
+
+# Dispatch thresholds (rows M = tokens of the call); measured on AVX-512 VNNI without AMX, see
+# docs/kernels.md "CPU dispatch" and bench/RESULTS.md "CPU speed".
+GEMV_MAX_M = 8          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, torch._int_mm above
+INT4PACK_MAX_M = 16     # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
+INT8PACK_MAX_M = 16     # weight-only 8-bit: _weight_int8pack_mm up to here, dequantize + F.linear above
+_VNNI_MAX_K = 65792     # 255 * 128 * K < 2^31: the GEMV's int32 sums stay exact
+
+_FLOAT_CODES = cpu_native.DTYPE_CODE
+_said: set[str] = set()
+_layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()
+layout_builds = {"count": 0}  # how many layouts were built (tests: once per layer, not per call)
+
+
+def fallbacks_said() -> frozenset[str]:
+    """The fallback kinds reported so far (each is logged once per process)."""
+    return frozenset(_said)
+
+
+def _say_once(kind: str, message: str) -> None:
+    if kind not in _said:
+        _said.add(kind)
+        log.warning("qcompile CPU kernels: %s", message)
+
+
+def _stamp(t: Tensor | None) -> tuple | None:
+    return None if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+
+
+def _layout(owner: Tensor, kind: str, sources: tuple, build: Callable[[], object]) -> object:
+    """``build()``, cached on ``owner`` (a stored tensor) under ``kind``, rebuilt when any of
+    ``sources`` changed (identity, in-place version, storage, shape, dtype)."""
+    stamp = tuple(_stamp(t) for t in sources)
+    per_owner = _layouts.get(owner)
+    if per_owner is None:
+        per_owner = _layouts[owner] = {}
+    hit = per_owner.get(kind)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = build()
+    layout_builds["count"] += 1
+    per_owner[kind] = (stamp, value)
+    return value
+
+
+def _f32(t: Tensor | None, owner: Tensor, kind: str) -> Tensor | None:
+    """``t`` as a contiguous float32 tensor (cached when a conversion is needed)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return _layout(owner, kind, (t,), lambda: t.float().contiguous())
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(x: Tensor, k: int) -> Tensor:
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+# ---------------------------------------------------------------------------------------- W8A8
+
+@functools.cache
+def _onednn_available() -> bool:
+    try:
+        qw = torch.zeros(16, 32, dtype=torch.int8)
+        wp = torch.ops.onednn.qlinear_prepack(qw, None)
+        torch.ops.onednn.qlinear_pointwise(torch.zeros(2, 32, dtype=torch.int8), 1.0, 0, wp, torch.ones(16),
+                                           torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32,
+                                           "none", [], "")
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+FORCE_BACKEND: str | None = None  # tests: "gemv", "onednn" or "int_mm" for every call
+
+
+def int_backend(m: int, k: int, n: int) -> str:
+    """Which int8 GEMM serves an [M, K] x [K, N] call: "gemv" (native VNNI), "onednn" (oneDNN's
+    quantized linear on a prepacked weight) or "int_mm" (``torch._int_mm``)."""
+    if FORCE_BACKEND is not None:
+        return FORCE_BACKEND
+    if m <= GEMV_MAX_M and k <= _VNNI_MAX_K and cpu_native.has_vnni():
+        return "gemv"
+    if _onednn_available():
+        return "onednn"
+    return "int_mm"
+
+
+def _int_gemm(qx: Tensor, w8: Tensor, backend: str, owner: Tensor, kind: str, nat) -> Tensor:
+    """Exact qx @ w8^T: int32 [M, N], or for "onednn" float32 holding the same integers rounded to
+    float32 (oneDNN converts its int32 accumulator with scales 1.0: exactly ``acc.float()``).
+    qx is uint8 q + 128 for "gemv" (the VNNI operand), int8 otherwise."""
+    m, k = qx.shape
+    n = w8.shape[0]
+    if backend == "gemv":
+        colsum = _layout(owner, f"{kind}:colsum", (owner,), lambda: int8_colsum(w8))
+        acc = torch.empty(m, n, dtype=torch.int32)
+        nat.qc_gemv_u8s8(qx.data_ptr(), k, w8.data_ptr(), w8.stride(0), colsum.data_ptr(),
+                         acc.data_ptr(), n, m, n, k, torch.get_num_threads())
+        return acc
+    if backend == "onednn":
+        wp, ones, zeros = _layout(owner, f"{kind}:onednn", (owner,), lambda: (
+            torch.ops.onednn.qlinear_prepack(w8, None), torch.ones(n), torch.zeros(n, dtype=torch.long)))
+        return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, wp, ones, zeros, None, 1.0, 0, torch.float32,
+                                                  "none", [], "")
+    return torch._int_mm(qx, w8.t())
+
+
+def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+                    act_scale: Tensor | None = None) -> Tensor:
+    """``w8a8_linear_reference`` on CPU integer kernels (same result, bit for bit)."""
+    nat = cpu_native.lib()
+    n, k = qweight.shape
+    if nat is None or x.dtype not in _FLOAT_CODES or qweight.dtype != torch.int8 or qweight.stride(1) != 1:
+        _say_once("w8a8:unsupported", f"w8a8_linear on {x.dtype} activations / {qweight.dtype} weights "
+                  f"{'without the native helpers ' if nat is None else ''}runs the reference")
+        return w8a8_linear_reference(x, qweight, w_scale, bias, act_scale)
+    static = 0.0
+    if act_scale is not None:
+        static = _layout(act_scale, "static_scale", (act_scale,), lambda: float(act_scale.float()))
+        if not static > 0.0:  # a zero/NaN calibrated scale: keep the reference's behaviour
+            _say_once("w8a8:static_scale", "w8a8_linear with a non-positive static activation scale runs the reference")
+            return w8a8_linear_reference(x, qweight, w_scale, bias, act_scale)
+    lead = x.shape[:-1]
+    x2 = _rows(x, k)
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    nt = torch.get_num_threads()
+    backend = int_backend(m, k, n)
+    gemv = backend == "gemv"
+    qx = torch.empty(m, k, dtype=torch.uint8 if gemv else torch.int8)
+    sx = torch.empty(m, dtype=torch.float32)
+    nat.qc_quant_sym(x2.data_ptr(), _FLOAT_CODES[x.dtype], m, k, x2.stride(0), qx.data_ptr(), k, sx.data_ptr(),
+                     ctypes.c_float(static), 128 if gemv else 0, nt)
+    acc = _int_gemm(qx, qweight, backend, qweight, "w8a8", nat)
+    sw = _f32(w_scale, qweight, "w_scale_f32")
+    b = _f32(bias, qweight, "bias_f32")
+    nat.qc_epilogue_w8a8(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), sx.data_ptr(), sw.data_ptr(), _ptr(b), out.data_ptr(),
+                         _FLOAT_CODES[x.dtype], n, m, n, nt)
+    return out.reshape(*lead, n)
+
+
+# ---------------------------------------------------------------------------------------- QUIK
+
+def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum: Tensor,
+                            outlier_weight: Tensor, outlier_idx: Tensor | None = None,
+                            perm: Tensor | None = None, bias: Tensor | None = None, a_bits: int = 4) -> Tensor:
+    """``w4a4_outlier_linear_reference`` on CPU integer kernels (same result, bit for bit)."""
+    nat = cpu_native.lib()
+    n, k_out = qweight.shape[0], outlier_weight.shape[1]
+    k = x.shape[-1]
+    kq = k - k_out
+    w_bits = weight_bits_of(qweight)
+    stored = (kq + 1) // 2 if w_bits == 4 else kq
+    if (nat is None or x.dtype not in _FLOAT_CODES or a_bits not in (4, 8) or kq <= 0
+            or qweight.shape[1] != stored or outlier_weight.shape[0] != n):
+        _say_once("quik:unsupported", "w4a4_outlier_linear with "
+                  + ("no native helpers" if nat is None else f"{x.dtype} activations, a_bits={a_bits}, Kq={kq}")
+                  + " runs the reference")
+        return w4a4_outlier_linear_reference(x, qweight, w_scale, row_sum, outlier_weight, outlier_idx,
+                                             perm, bias, a_bits)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    xq, xo = split_outlier_columns(x2, k_out, outlier_idx, perm)  # the reference's own split
+    if xq.stride(-1) != 1:
+        xq = xq.contiguous()
+    nt = torch.get_num_threads()
+    backend = int_backend(m, kq, n)
+    gemv = backend == "gemv"
+    qx = torch.empty(m, kq, dtype=torch.uint8 if gemv else torch.int8)
+    st = torch.empty(m, dtype=torch.float32)
+    mt = torch.empty(m, dtype=torch.float32)
+    nat.qc_quant_asym(xq.data_ptr(), _FLOAT_CODES[x.dtype], m, kq, xq.stride(0), qx.data_ptr(), kq,
+                      st.data_ptr(), mt.data_ptr(), a_bits, 128 if gemv else 0, nt)
+    w8 = _layout(qweight, "quik_int8", (qweight,), lambda: quik_int8_weight(qweight, kq))
+    acc = _int_gemm(qx, w8, backend, qweight, "quik", nat)
+    outl = None
+    if k_out:
+        ow = _layout(qweight, "outlier_f32", (outlier_weight,), lambda: outlier_weight.float().contiguous())
+        outl = xo.float() @ ow.T  # the reference's float32 outlier GEMM, same call
+    sw = _f32(w_scale, qweight, "w_scale_f32")
+    rs = _f32(row_sum, qweight, "row_sum_f32")
+    b = _f32(bias, qweight, "bias_f32")
+    nat.qc_epilogue_quik(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), st.data_ptr(), mt.data_ptr(), sw.data_ptr(), rs.data_ptr(),
+                         ctypes.c_float(2 ** (a_bits - 1)), _ptr(outl), outl.stride(0) if outl is not None else 0,
+                         _ptr(b), out.data_ptr(), _FLOAT_CODES[x.dtype], n, m, n, nt)
+    return out.reshape(*lead, n)
+
+
+# ---------------------------------------------------------------------------------- weight-only
+
+def _dequantized(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
+                 k: int, dtype: torch.dtype, nat) -> Tensor:
+    """The reference's ``dequantize_weight(...).to(dtype)`` in one native pass (same values)."""
+    n = qweight.shape[0]
+    groups = 1 if group_size <= 0 or group_size >= k else -(-k // group_size)
+    packed = is_packed(qweight, bits)
+    qkind = (3 if zero is not None else 2) if packed else (1 if qweight.dtype == torch.uint8 else 0)
+    s = _f32(scale, qweight, "scale_f32")
+    z = _f32(zero, qweight, "zero_f32")
+    # the reference's float32 weight is a [:, :K] view of [N, G * group] when the groups overrun K,
+    # and .to(float32) keeps that view: keep its strides too, so F.linear sees the same operand
+    width = groups * group_size if groups > 1 and dtype == torch.float32 else k
+    w = torch.empty(n, width, dtype=dtype)
+    nat.qc_dequant(qweight.data_ptr(), qkind, qweight.stride(0), n, k, s.data_ptr(), _ptr(z), groups,
+                   group_size if groups > 1 else 0, w.data_ptr(), width, _FLOAT_CODES[dtype], torch.get_num_threads())
+    return w[:, :k]
+
+
+def weight_only_linear_cpu(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None,
+                           bits: int, group_size: int, in_features: int) -> Tensor:
+    """``weight_only_linear_reference`` on CPU kernels (integer kernels for small M, equal to float
+    rounding; the reference's arithmetic otherwise, bit for bit)."""
+    k = in_features
+    n = qweight.shape[0]
+    lead = x.shape[:-1]
+    x2 = _rows(x, k)
+    m = x2.shape[0]
+    packed = is_packed(qweight, bits)
+    dtype = x.dtype
+    if m and dtype in _FLOAT_CODES and qweight.stride(1) == 1:
+        y = None
+        if packed and m <= INT4PACK_MAX_M:
+            lay = _layout(qweight, f"int4pack:{dtype}", (qweight, scale, zero),
+                          lambda: int4pack_layout(qweight, scale, zero, bits, group_size, k, dtype))
+            if lay is not None:
+                y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), lay[0], lay[2], lay[1])
+            else:
+                _say_once(f"int4pack:shape:{k % 32 != 0}:{n % 16 != 0}:{group_size}",
+                          f"weight-only {bits}-bit, K={k}, N={n}, group {group_size or 'per row'}: "
+                          "_weight_int4pack_mm_for_cpu needs N % 16 == 0 and a group of 32..256 dividing K; "
+                          "small-M calls dequantize and run F.linear (the reference's arithmetic)")
+        elif not packed and m <= INT8PACK_MAX_M:
+            per_row = zero is None and (group_size <= 0 or group_size >= k) and qweight.dtype == torch.int8
+            # torch 2.13's bf16/fp16 _weight_int8pack_mm reads past the row when K % 16 != 0 (segfaults)
+            if per_row and k % 16 == 0:
+                s = _layout(qweight, f"int8pack_scale:{dtype}", (scale,), lambda: int8pack_scale(scale, dtype))
+                y = torch._weight_int8pack_mm(x2, qweight, s)
+            else:
+                _say_once(f"int8pack:{zero is not None}:{group_size}:{k % 16 == 0}",
+                          f"weight-only {bits}-bit {'asymmetric ' if zero is not None else ''}"
+                          f"group {group_size or 'per row'}, K={k}: _weight_int8pack_mm takes symmetric per-row "
+                          "int8 with K % 16 == 0 only; small-M calls dequantize and run F.linear (the "
+                          "reference's arithmetic)")
+        if y is not None:
+            if bias is not None:
+                y = y + _layout(qweight, f"bias:{dtype}", (bias,), lambda: bias.to(dtype))
+            return y.reshape(*lead, n)
+    nat = cpu_native.lib()
+    if nat is None or dtype not in _FLOAT_CODES or qweight.stride(1) != 1 or m == 0:
+        return weight_only_linear_reference(x, qweight, scale, zero, bias, bits, group_size, in_features)
+    w = _dequantized(qweight, scale, zero, bits, group_size, k, dtype, nat)
+    return F.linear(x, w, None if bias is None else bias.to(dtype))

@@ -1,0 +1,122 @@
+"""The CPU helper kernels in C (``cpu_native_src.SOURCE``): build once per machine, call by ctypes.
+
+What they do (each equal, bit for bit, to the pure-torch reference operations it replaces):
+activation quantization (symmetric int8 per token or per tensor; asymmetric per token for QUIK),
+the W8A8 and QUIK epilogues, weight dequantization for the weight-only prefill path, and a small-M
+int8 GEMM (AVX-512 VNNI ``vpdpbusd``) that reads the stored int8 weights as they are.
+
+Build: on the first use, with the machine's C compiler (``$CC``, else ``cc``/``gcc``),
+``-O3 -march=native -fopenmp -ffp-contract=off``, into ``$QCOMPILE_CACHE/cpu_kernels/`` (default
+``~/.cache/qcompile``), keyed by a hash of the source, the flags and the compiler, written
+atomically. It links the OpenMP runtime torch already loaded (``libgomp.so.1``), so both share one
+thread pool. Set ``QCOMPILE_CPU_NATIVE=0`` to disable. Without a compiler ``lib()`` is None and the
+CPU ops use plain torch operations instead (same results, slower); that is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qcompile.kernels.cpu_native_src import SOURCE
+
+__all__ = ["lib", "available", "has_vnni", "DTYPE_CODE", "build_error"]
+
+log = logging.getLogger("qcompile.kernels.cpu")
+
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+          "-std=gnu11"]
+_build_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("QCOMPILE_CACHE") or str(Path.home() / ".cache" / "qcompile")
+    return Path(base) / "cpu_kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = hashlib.sha256("\0".join([SOURCE, *_FLAGS, cc, version, os.uname().machine]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"qcompile_cpu_{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "qcompile_cpu.c"
+        src.write_text(SOURCE)
+        so = Path(tmp) / "qcompile_cpu.so"
+        res = subprocess.run([cc, *_FLAGS, str(src), "-o", str(so)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr[-2000:]}")
+        os.replace(so, out)  # atomic: another process may be building the same file
+    return out
+
+
+def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
+    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    sigs = {
+        "qc_features": [],
+        "qc_quant_sym": [P, I, I64, I64, I64, P, I64, P, F, I, I],
+        "qc_quant_asym": [P, I, I64, I64, I64, P, I64, P, P, I, I, I],
+        "qc_gemv_u8s8": [P, I64, P, I64, P, P, I64, I64, I64, I64, I],
+        "qc_epilogue_w8a8": [P, I, I64, P, P, P, P, I, I64, I64, I64, I],
+        "qc_epilogue_quik": [P, I, I64, P, P, P, P, F, P, I64, P, P, I, I64, I64, I64, I],
+        "qc_dequant": [P, I, I64, I64, I64, P, P, I64, I64, P, I64, I, I],
+    }
+    for name, args in sigs.items():
+        fn = getattr(dll, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int if name == "qc_features" else None
+    return dll
+
+
+@functools.cache
+def lib() -> ctypes.CDLL | None:
+    """The loaded helper library, or None (disabled, no compiler, or the build failed: logged once)."""
+    global _build_error
+    if os.environ.get("QCOMPILE_CPU_NATIVE", "1").lower() in ("0", "false", "off", "no"):
+        _build_error = "disabled by QCOMPILE_CPU_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _build_error = "no C compiler found ($CC, cc, gcc, clang)"
+    else:
+        try:
+            return _declare(ctypes.CDLL(str(_build(cc))))
+        except (OSError, RuntimeError) as err:
+            _build_error = str(err)
+    log.warning("qcompile CPU kernels: native helpers unavailable (%s); using plain torch operations "
+                "for quantization and epilogues (same results, slower)", _build_error)
+    return None
+
+
+def build_error() -> str | None:
+    return _build_error
+
+
+def available() -> bool:
+    return lib() is not None
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """The helper library was built with AVX-512 VNNI (its small-M int8 GEMM is then real)."""
+    dll = lib()
+    return dll is not None and bool(dll.qc_features() & 2)

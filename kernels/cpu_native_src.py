@@ -1,0 +1,379 @@
+"""C source of the CPU helper kernels (built by ``cpu_native.py`` with the machine's C compiler).
+
+Kept as a Python string so it ships inside the package like any module. Every function repeats
+the float arithmetic of a pure-torch reference operation by operation (IEEE division, round half
+to even, no FMA contraction: built with ``-ffp-contract=off`` and without ``-ffast-math``), so
+its results equal the reference's bit for bit. AVX-512 paths are compiled when the compiler
+targets AVX-512 (``-march=native``); plain C loops otherwise.
+
+dtype codes: 0 float32, 1 bfloat16, 2 float16.
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <stdlib.h>
+#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define QC_AVX512 1
+#endif
+#if defined(QC_AVX512) && defined(__AVX512VNNI__)
+#define QC_VNNI 1
+#endif
+
+#define F32 0
+#define BF16 1
+#define F16 2
+
+int qc_features(void) {
+    int f = 0;
+#ifdef QC_AVX512
+    f |= 1;
+#endif
+#ifdef QC_VNNI
+    f |= 2;
+#endif
+    return f;
+}
+
+/* ------------------------------------------------------------------ scalar conversions (torch's) */
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {  /* c10::BFloat16: round to nearest even, NaN -> 0x7FC0 */
+    uint32_t u; memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float f16_to_f32(uint16_t h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+static inline uint16_t f32_to_f16(float f) { _Float16 v = (_Float16)f; uint16_t h; memcpy(&h, &v, 2); return h; }
+
+static inline float load1(const void* p, int dt, int64_t i) {
+    if (dt == F32) return ((const float*)p)[i];
+    if (dt == BF16) return bf16_to_f32(((const uint16_t*)p)[i]);
+    return f16_to_f32(((const uint16_t*)p)[i]);
+}
+static inline void store1(void* p, int dt, int64_t i, float v) {
+    if (dt == F32) ((float*)p)[i] = v;
+    else if (dt == BF16) ((uint16_t*)p)[i] = f32_to_bf16(v);
+    else ((uint16_t*)p)[i] = f32_to_f16(v);
+}
+
+#ifdef QC_AVX512
+/* 16 lanes from element i on, n (< 16 for a tail) valid, 0 elsewhere */
+static inline __m512 load16(const void* p, int dt, int64_t i, int n) {
+    __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+    if (dt == F32) return _mm512_maskz_loadu_ps(m, (const float*)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)p + i);
+    if (dt == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+static inline void store16(void* p, int dt, int64_t i, __m512 v, int n) {
+    __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+    if (dt == F32) { _mm512_mask_storeu_ps((float*)p + i, m, v); return; }
+    __m256i h;
+    if (dt == BF16) {  /* integer round-to-nearest-even, as c10::BFloat16 (keeps denormals) */
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+        h = _mm512_cvtepi32_epi16(r);
+    } else {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16((uint16_t*)p + i, m, h);
+}
+static inline __m512 rne(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* int32 lanes -> int8 (values already in range), stored with an added offset (0 or 128 as uint8) */
+static inline void store16_i8(void* q, int64_t i, __m512i v, int off, int n) {
+    __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+    if (off) v = _mm512_add_epi32(v, _mm512_set1_epi32(off));
+    _mm_mask_storeu_epi8((int8_t*)q + i, m, _mm512_cvtepi32_epi8(v));
+}
+#endif
+
+/* ------------------------------------------------------------------ activation quantization
+ * Symmetric int8, as w8a8_linear_reference: dynamic per token (static_scale <= 0):
+ *   s = max(absmax / 127, 1e-8), q = round(x / s);
+ * static per tensor: q = clamp(round(x / static_scale), -128, 127).
+ * q is stored as int8, or as uint8 q + 128 when offset = 128 (the VNNI GEMV's operand). */
+void qc_quant_sym(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, void* q, int64_t ldq,
+                  float* scale, float static_scale, int offset, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * K > 32768)
+    for (int64_t m = 0; m < M; ++m) {
+        const char* xr = (const char*)x + m * ldx * (dt == F32 ? 4 : 2);
+        int8_t* qr = (int8_t*)q + m * ldq;
+        float s;
+        int dynamic = !(static_scale > 0.0f);
+        if (dynamic) {
+            float amax = 0.0f;
+            int64_t k = 0;
+#ifdef QC_AVX512
+            __m512 va = _mm512_setzero_ps();
+            for (; k < K; k += 16) {
+                int n = K - k < 16 ? (int)(K - k) : 16;
+                va = _mm512_max_ps(va, _mm512_abs_ps(load16(xr, dt, k, n)));
+            }
+            amax = _mm512_reduce_max_ps(va);
+#endif
+            for (; k < K; ++k) { float a = fabsf(load1(xr, dt, k)); amax = a > amax ? a : amax; }
+            s = amax / 127.0f;
+            s = s < 1e-8f ? 1e-8f : s;
+            scale[m] = s;
+        } else {
+            s = static_scale;
+            if (scale) scale[m] = s;
+        }
+        int64_t k = 0;
+#ifdef QC_AVX512
+        __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+        for (; k < K; k += 16) {
+            int n = K - k < 16 ? (int)(K - k) : 16;
+            __m512 v = rne(_mm512_div_ps(load16(xr, dt, k, n), vs));
+            if (!dynamic) v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            store16_i8(qr, k, _mm512_cvtps_epi32(v), offset, n);
+        }
+#endif
+        for (; k < K; ++k) {
+            float v = nearbyintf(load1(xr, dt, k) / s);
+            if (!dynamic) v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+            qr[k] = (int8_t)((int)v + offset);
+        }
+    }
+}
+
+/* Asymmetric per token, as quantize_per_token_reference(symmetric=False):
+ *   lo = min, hi = max, s = max((hi - lo) / levels, 1e-8), q = clamp(round((x - lo) / s), 0, levels) - half
+ * stored as int8 (or uint8 q + 128 when offset = 128). */
+void qc_quant_asym(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, void* q, int64_t ldq,
+                   float* scale, float* minv, int bits, int offset, int nthreads) {
+    const float levels = (float)((1 << bits) - 1);
+    const int half = 1 << (bits - 1);
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * K > 32768)
+    for (int64_t m = 0; m < M; ++m) {
+        const char* xr = (const char*)x + m * ldx * (dt == F32 ? 4 : 2);
+        int8_t* qr = (int8_t*)q + m * ldq;
+        float lo = INFINITY, hi = -INFINITY;
+        int64_t k = 0;
+#ifdef QC_AVX512
+        __m512 vlo = _mm512_set1_ps(INFINITY), vhi = _mm512_set1_ps(-INFINITY);
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = load16(xr, dt, k, 16);
+            vlo = _mm512_min_ps(vlo, v);
+            vhi = _mm512_max_ps(vhi, v);
+        }
+        lo = _mm512_reduce_min_ps(vlo);
+        hi = _mm512_reduce_max_ps(vhi);
+#endif
+        for (; k < K; ++k) { float v = load1(xr, dt, k); lo = v < lo ? v : lo; hi = v > hi ? v : hi; }
+        float s = (hi - lo) / levels;
+        s = s < 1e-8f ? 1e-8f : s;
+        scale[m] = s;
+        minv[m] = lo;
+        k = 0;
+#ifdef QC_AVX512
+        __m512 vs = _mm512_set1_ps(s), vl = _mm512_set1_ps(lo), zero = _mm512_setzero_ps(), top = _mm512_set1_ps(levels);
+        __m512i vh = _mm512_set1_epi32(half);
+        for (; k < K; k += 16) {
+            int n = K - k < 16 ? (int)(K - k) : 16;
+            __m512 v = rne(_mm512_div_ps(_mm512_sub_ps(load16(xr, dt, k, n), vl), vs));
+            v = _mm512_min_ps(_mm512_max_ps(v, zero), top);
+            store16_i8(qr, k, _mm512_sub_epi32(_mm512_cvtps_epi32(v), vh), offset, n);
+        }
+#endif
+        for (; k < K; ++k) {
+            float v = nearbyintf((load1(xr, dt, k) - lo) / s);
+            v = v < 0.0f ? 0.0f : (v > levels ? levels : v);
+            qr[k] = (int8_t)((int)v - half + offset);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ small-M integer GEMM (VNNI)
+ * out[m, n] = sum_k a[m, k] * b[n, k], exact in int32, for a given as uint8 a + 128 (A_u8) and
+ * b int8 [N, K] row-major (the stored layout): vpdpbusd sums (a + 128) * b, and
+ * 128 * colsum[n] (colsum[n] = sum_k b[n, k], prepared once) is subtracted.
+ * Exact while 255 * 128 * K < 2^31 (K < 65793; the caller checks). */
+#ifdef QC_VNNI
+/* MB rows of A (a compile-time constant after inlining) against 4 rows of B */
+static inline __attribute__((always_inline)) void gemv_tile(
+        const int MB, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, const int32_t* colsum,
+        int32_t* out, int64_t ldo, int64_t m0, int64_t n0, int nn, int64_t K) {
+    __m512i acc[4][4];
+    for (int i = 0; i < MB; ++i) for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+        int64_t rem = K - k;
+        __mmask64 km = rem >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << rem) - 1);
+        __m512i bv[4], av[4];
+        for (int j = 0; j < 4; ++j)
+            bv[j] = j < nn ? _mm512_maskz_loadu_epi8(km, B + (n0 + j) * ldb + k) : _mm512_setzero_si512();
+        for (int i = 0; i < MB; ++i) av[i] = _mm512_maskz_loadu_epi8(km, A + (m0 + i) * lda + k);
+        for (int i = 0; i < MB; ++i)
+            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], bv[j]);
+    }
+    for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < nn; ++j)
+            out[(m0 + i) * ldo + n0 + j] = _mm512_reduce_add_epi32(acc[i][j]) - 128 * colsum[n0 + j];
+}
+#endif
+
+void qc_gemv_u8s8(const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, const int32_t* colsum,
+                  int32_t* out, int64_t ldo, int64_t M, int64_t N, int64_t K, int nthreads) {
+#ifdef QC_VNNI
+    int64_t nblocks = (N + 3) / 4;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t bi = 0; bi < nblocks; ++bi) {
+        int64_t n0 = bi * 4;
+        int nn = (int)(N - n0 < 4 ? N - n0 : 4);
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) gemv_tile(4, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+        if (M - m0 == 3) gemv_tile(3, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+        else if (M - m0 == 2) gemv_tile(2, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+        else if (M - m0 == 1) gemv_tile(1, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+    }
+#else
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+            int32_t s = 0;
+            for (int64_t k = 0; k < K; ++k) s += ((int32_t)A[m * lda + k] - 128) * (int32_t)B[n * ldb + k];
+            out[m * ldo + n] = s;
+        }
+#endif
+}
+
+/* ------------------------------------------------------------------ epilogues
+ * W8A8: y = ((float)acc[m, n] * sx[m]) * sw[n] (+ bias[n]), stored in dt (w8a8_linear_reference).
+ * acc is int32, or float32 already holding the exact integers (acc_is_float). */
+void qc_epilogue_w8a8(const void* acc, int acc_is_float, int64_t lda, const float* sx, const float* sw,
+                      const float* bias, void* out, int dt, int64_t ldo, int64_t M, int64_t N, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * N > 32768)
+    for (int64_t m = 0; m < M; ++m) {
+        const float s = sx[m];
+        const int32_t* ai = (const int32_t*)acc + m * lda;
+        const float* af = (const float*)acc + m * lda;
+        char* orow = (char*)out + m * ldo * (dt == F32 ? 4 : 2);
+        int64_t n = 0;
+#ifdef QC_AVX512
+        __m512 vs = _mm512_set1_ps(s);
+        for (; n < N; n += 16) {
+            int c = N - n < 16 ? (int)(N - n) : 16;
+            __mmask16 km = c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << c) - 1u);
+            __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km, af + n)
+                                    : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km, ai + n));
+            __m512 y = _mm512_mul_ps(_mm512_mul_ps(a, vs), _mm512_maskz_loadu_ps(km, sw + n));
+            if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, bias + n));
+            store16(orow, dt, n, y, c);
+        }
+#endif
+        for (; n < N; ++n) {
+            float a = acc_is_float ? af[n] : (float)ai[n];
+            float y = (a * s) * sw[n];
+            if (bias) y = y + bias[n];
+            store1(orow, dt, n, y);
+        }
+    }
+}
+
+/* QUIK: y = ((st[m] * sw[n]) * acc + (mt[m] + half * st[m]) * rs[n]) (+ outl[m, n]) (+ bias[n]),
+ * stored in dt (w4a4_outlier_linear_reference's order). outl: float32 [M, N] (ldl) or NULL;
+ * acc int32, or float32 holding the exact integers rounded to float32 (acc_is_float). */
+void qc_epilogue_quik(const void* acc, int acc_is_float, int64_t lda, const float* st, const float* mt, const float* sw,
+                      const float* rs, float half, const float* outl, int64_t ldl, const float* bias,
+                      void* out, int dt, int64_t ldo, int64_t M, int64_t N, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * N > 32768)
+    for (int64_t m = 0; m < M; ++m) {
+        const float s = st[m];
+        const float c = mt[m] + half * s;
+        const int32_t* ar = (const int32_t*)acc + m * lda;
+        const float* af = (const float*)acc + m * lda;
+        const float* lr = outl ? outl + m * ldl : 0;
+        char* orow = (char*)out + m * ldo * (dt == F32 ? 4 : 2);
+        int64_t n = 0;
+#ifdef QC_AVX512
+        __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(c);
+        for (; n < N; n += 16) {
+            int cnt = N - n < 16 ? (int)(N - n) : 16;
+            __mmask16 km = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1u);
+            __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km, af + n)
+                                    : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km, ar + n));
+            __m512 t1 = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(km, sw + n)), a);
+            __m512 t2 = _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(km, rs + n));
+            __m512 y = _mm512_add_ps(t1, t2);
+            if (lr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, lr + n));
+            if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, bias + n));
+            store16(orow, dt, n, y, cnt);
+        }
+#endif
+        for (; n < N; ++n) {
+            float y = (s * sw[n]) * (acc_is_float ? af[n] : (float)ar[n]) + c * rs[n];
+            if (lr) y = y + lr[n];
+            if (bias) y = y + bias[n];
+            store1(orow, dt, n, y);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ weight dequantization
+ * w[n, k] = ((float)q[n, k] - zero[n, g]) * scale[n, g] (no zero: q * scale), g = k / group
+ * (group <= 0: one group per row), stored in dt (dequantize_weight, then .to(dtype)).
+ * qkind: 0 int8 [N, K], 1 uint8 [N, K], 2 packed signed nibbles, 3 packed unsigned nibbles
+ * ([N, ceil(K/2)], column 2j in the low nibble). Rows of w are ldw elements apart. */
+void qc_dequant(const uint8_t* q, int qkind, int64_t ldq, int64_t N, int64_t K, const float* scale,
+                const float* zero, int64_t G, int64_t group, void* out, int64_t ldw, int dt, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* qr = q + n * ldq;
+        char* orow = (char*)out + n * ldw * (dt == F32 ? 4 : 2);
+        int64_t k = 0;
+        while (k < K) {
+            int64_t g = group > 0 ? k / group : 0;
+            int64_t end = group > 0 ? (g + 1) * group : K;
+            if (end > K) end = K;
+            const float s = scale[n * G + g];
+            const float z = zero ? zero[n * G + g] : 0.0f;
+#ifdef QC_AVX512
+            __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+            if (qkind <= 1) {
+                for (; k + 16 <= end; k += 16) {
+                    __m128i b = _mm_loadu_si128((const __m128i*)(qr + k));
+                    __m512i i = qkind == 0 ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+                    __m512 v = _mm512_cvtepi32_ps(i);
+                    if (zero) v = _mm512_sub_ps(v, vz);
+                    store16(orow, dt, k, _mm512_mul_ps(v, vs), 16);
+                }
+            } else if ((k & 1) == 0) {
+                const __m512i perm = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+                for (; k + 16 <= end; k += 16) {
+                    __m128i b = _mm_loadl_epi64((const __m128i*)(qr + k / 2));   /* 8 bytes: 16 nibbles */
+                    __m512i w = _mm512_cvtepu8_epi32(b);
+                    __m512i lo = _mm512_and_si512(w, _mm512_set1_epi32(0xF));
+                    __m512i hi = _mm512_srli_epi32(w, 4);
+                    /* lanes 0..7 of lo are columns 0,2,..,14; of hi 1,3,..,15: interleave */
+                    __m512i both = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+                    __m512i i = _mm512_permutexvar_epi32(perm, both);
+                    if (qkind == 2) i = _mm512_sub_epi32(_mm512_xor_si512(i, _mm512_set1_epi32(8)), _mm512_set1_epi32(8));
+                    __m512 v = _mm512_cvtepi32_ps(i);
+                    if (zero) v = _mm512_sub_ps(v, vz);
+                    store16(orow, dt, k, _mm512_mul_ps(v, vs), 16);
+                }
+            }
+#endif
+            for (; k < end; ++k) {
+                int iv;
+                if (qkind == 0) iv = (int8_t)qr[k];
+                else if (qkind == 1) iv = qr[k];
+                else {
+                    int nib = (k & 1) ? (qr[k >> 1] >> 4) : (qr[k >> 1] & 0xF);
+                    iv = (qkind == 2 && nib >= 8) ? nib - 16 : nib;
+                }
+                float v = (float)iv;
+                if (zero) v = v - z;
+                store1(orow, dt, k, v * s);
+            }
+        }
+    }
+}
+"""

@@ -1,0 +1,211 @@
+"""Fast CPU generation and evaluation of compiled models (the face layer's fast path).
+
+A compiled model runs as its eager HuggingFace twin (``qcompile.eager``: the same lowered ops,
+with the same stored tensors, inside the HF model), and
+
+- its float parts (embeddings, norms, attention, lm_head) run in bfloat16 where that is faster:
+  ``dtype="auto"`` picks bf16 when the CPU has bf16 arithmetic (AVX512-BF16 or AMX) and the model
+  is not tiny (``BF16_MIN_PARAMS``; below it per-op overhead dominates and bf16 buys nothing but
+  rounding), float32 otherwise. The lowered ops keep their stored tensors exactly as saved (scales,
+  row sums, outlier columns are not cast) and take the bf16 activations: their quantization reads
+  them exactly, and they write bf16;
+- decoding runs a static KV cache with the one-token decode step compiled by ``torch.compile``
+  (inductor; each lowered op stays one opaque call into the CPU kernels, see docs/kernels.md).
+  Compiling costs tens of seconds once per process, so ``compile_decode="auto"`` compiles only for
+  generations of at least ``COMPILE_MIN_TOKENS`` tokens; otherwise the eager step with a dynamic
+  cache runs (HF's own).
+
+``FastModel(model)`` wraps an eager model (float, or with lowered ops); ``from_saved(gm)`` builds
+one from a loaded compiled model. ``time_prefill`` / ``time_decode`` are what bench/cpu.py times.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FastModel", "from_saved", "resolve_dtype", "cpu_has_bf16", "cast_float_parts", "time_prefill",
+           "time_decode", "BF16_MIN_PARAMS", "COMPILE_MIN_TOKENS"]
+
+BF16_MIN_PARAMS = 10_000_000   # "auto" keeps models smaller than this in float32
+COMPILE_MIN_TOKENS = 256       # "auto" compiles the decode step for generations at least this long
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles), so oneDNN/MKL bf16 GEMMs are fast."""
+    cpu = torch.cpu
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+
+
+def resolve_dtype(choice: str | torch.dtype, model: nn.Module | None = None) -> torch.dtype:
+    """"bf16" / "fp32" / a dtype as given; "auto": bf16 on bf16-capable CPUs for models of at
+    least ``BF16_MIN_PARAMS`` parameters, else float32."""
+    if isinstance(choice, torch.dtype):
+        return choice
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if choice in table:
+        return table[choice]
+    if choice != "auto":
+        raise ValueError(f"dtype must be auto, bf16 or fp32, got {choice!r}")
+    big = model is None or _n_params(model) >= BF16_MIN_PARAMS
+    return torch.bfloat16 if cpu_has_bf16() and big else torch.float32
+
+
+def _is_lowered(module: nn.Module) -> bool:
+    from qcompile.eager import LoweredLinear
+    return isinstance(module, LoweredLinear)
+
+
+@torch.no_grad()
+def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the float parameters and buffers of ``model`` to ``dtype`` in place, except the stored
+    tensors of lowered linears (their op defines how it reads them) and rotary frequency tables
+    (``inv_freq``: kept in float32, as HF computes the rotary angles in float32)."""
+    for module in model.modules():
+        if _is_lowered(module):
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != dtype and "inv_freq" not in name:
+                module._buffers[name] = b.to(dtype)
+    return model
+
+
+class FastModel:
+    """An eager causal LM prepared for fast CPU inference: float parts in ``dtype``; ``generate``
+    with a static KV cache and a compiled decode step (``compile_decode``: True, False or "auto")."""
+
+    def __init__(self, model: nn.Module, dtype: str | torch.dtype = "auto",
+                 compile_decode: bool | str = "auto"):
+        self.dtype = resolve_dtype(dtype, model)
+        self.model = cast_float_parts(model, self.dtype)
+        self.model.eval()
+        self.compile_decode = compile_decode
+        self._compiled = None
+
+    # ---- forward
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of a full forward (prefill / evaluation), in the model's float dtype."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def __call__(self, input_ids: torch.Tensor, **kwargs: Any):
+        """Forward as the HF model (``evaluate.perplexity`` calls models this way)."""
+        with torch.no_grad():
+            return self.model(input_ids=input_ids, use_cache=False, **kwargs)
+
+    def eval(self) -> "FastModel":
+        self.model.eval()
+        return self
+
+    # ---- decoding
+    def _use_compile(self, max_new_tokens: int) -> bool:
+        if self.compile_decode == "auto":
+            return max_new_tokens >= COMPILE_MIN_TOKENS
+        return bool(self.compile_decode)
+
+    def _step_fn(self):
+        if self._compiled is None:
+            model = self.model
+
+            def step(ids, cache, pos):
+                return model(input_ids=ids, cache=cache, cache_position=pos, position_ids=pos[None],
+                             use_cache=True, logits_to_keep=1).logits
+
+            self._compiled = torch.compile(step, backend="inductor", dynamic=False)
+        return self._compiled
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                 min_new_tokens: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (or temperature / top-p sampled) continuation of ``input_ids`` [1, T]: returns
+        [1, T + n] ids, stopping after ``eos_token_id`` (once ``min_new_tokens`` are out)."""
+        from transformers import DynamicCache, StaticCache
+
+        if input_ids.shape[0] != 1:
+            raise ValueError("FastModel.generate takes one sequence (batch size 1)")
+        t = input_ids.shape[1]
+        compiled = self._use_compile(max_new_tokens)
+        cache = (StaticCache(config=self.model.config, max_cache_len=t + max_new_tokens) if compiled
+                 else DynamicCache(config=self.model.config))
+        pos = torch.arange(t)
+        logits = self.model(input_ids=input_ids, cache=cache, cache_position=pos, position_ids=pos[None],
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        out = [input_ids]
+        step = self._step_fn() if compiled else None
+        for i in range(max_new_tokens):
+            nxt = _pick(logits.float(), do_sample, temperature, top_p, generator)
+            out.append(nxt)
+            if eos_token_id is not None and i + 1 >= min_new_tokens and int(nxt) == eos_token_id:
+                break
+            if i + 1 == max_new_tokens:
+                break
+            p = torch.tensor([t + i])
+            if step is not None:
+                logits = step(nxt, cache, p)[:, -1]
+            else:
+                logits = self.model(input_ids=nxt, cache=cache, cache_position=p, position_ids=p[None],
+                                    use_cache=True, logits_to_keep=1).logits[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """Next token [1, 1]: argmax, or a sample at ``temperature`` from the top-p nucleus."""
+    if not do_sample:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # the smallest prefix reaching top_p
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(dim=-1, keepdim=True), 1, generator=generator)
+        return order.gather(-1, choice)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def from_saved(gm: Any, dtype: str | torch.dtype = "auto", compile_decode: bool | str = "auto") -> FastModel:
+    """A loaded compiled model (``qcompile.load``) as a ``FastModel`` (its eager HF twin)."""
+    from qcompile.eager import eager_from_saved
+    return FastModel(eager_from_saved(gm), dtype=dtype, compile_decode=compile_decode)
+
+
+# ------------------------------------------------------------------------------- timing (bench)
+
+def time_prefill(runner: FastModel, input_ids: torch.Tensor, repeats: int = 3) -> float:
+    """Median seconds of one full forward over ``input_ids`` (after one warm-up)."""
+    runner.logits(input_ids)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.logits(input_ids)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_decode(runner: FastModel, prompt: torch.Tensor, new_tokens: int, repeats: int = 2) -> float:
+    """Greedy decode tokens/s: (time of ``new_tokens`` tokens - time of 1 token) / (new_tokens - 1),
+    so the prompt's prefill is not counted; after one warm-up run (which compiles, if compiling)."""
+    runner.generate(prompt, new_tokens, min_new_tokens=new_tokens)
+    runner.generate(prompt, 1)
+    best = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.generate(prompt, new_tokens, min_new_tokens=new_tokens)
+        t1 = time.perf_counter()
+        runner.generate(prompt, 1)
+        t2 = time.perf_counter()
+        best.append((new_tokens - 1) / max((t1 - t0) - (t2 - t1), 1e-9))
+    return statistics.median(best)

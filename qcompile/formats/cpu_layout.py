@@ -1,0 +1,86 @@
+"""CPU operand layouts: how a lowered scheme's stored tensors become the CPU kernels' operands.
+
+The stored layouts (``docs/kernels.md``) are what lowering writes, saves and exports; the CPU
+kernels want some of them rearranged. Each function here derives one CPU layout from stored
+tensors, once; ``qcompile.kernels.cpu_linear`` calls them on the first CPU call of a layer and
+caches the result against the stored tensors (identity, version and data pointer), so nothing is
+re-laid-out per call. Plain torch only (the format layer imports nothing else).
+
+| scheme | CPU layout | kernel |
+|---|---|---|
+| W8A8, QUIK W8 | ``qweight`` as stored (int8 [N, K]) + ``colsum`` int32 [N] | VNNI GEMV (small M) |
+| W8A8, QUIK W8 | ``qweight.t()`` (a view, [K, N]) | ``torch._int_mm`` (larger M) |
+| QUIK W4 | ``unpack_int4(qweight)`` int8 [N, Kq] (int4 values are int8 values) + ``colsum`` | both of the above |
+| weight-only W4/W3 (packed) | ``_convert_weight_to_int4pack_for_cpu(q + 8)`` + scales/zeros [K/g, N, 2] | ``torch._weight_int4pack_mm_for_cpu`` |
+| weight-only W8 (symmetric, per row) | ``qweight`` as stored + ``scale`` [N] in the activation dtype | ``torch._weight_int8pack_mm`` |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.formats.numerics import unpack_int4, unpack_weight
+
+__all__ = ["INT4PACK_GROUPS", "int4pack_group", "int4pack_layout", "int8_colsum", "quik_int8_weight",
+           "int8pack_scale"]
+
+# group sizes _weight_int4pack_mm_for_cpu accepts (it also needs N % 16 == 0 and K % group == 0)
+INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+def int8_colsum(qweight: torch.Tensor) -> torch.Tensor:
+    """sum_k q[n, k] as int32 [N]: the VNNI GEMV's u8 x s8 compensation (it sums (a + 128) * q)."""
+    return qweight.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous()
+
+
+def quik_int8_weight(qweight: torch.Tensor, kq: int) -> torch.Tensor:
+    """QUIK's quantized columns as int8 [N, Kq] (packed uint8 int4 is unpacked once; int8 as is)."""
+    if qweight.dtype == torch.uint8:
+        return unpack_int4(qweight, kq).contiguous()
+    return qweight.contiguous()
+
+
+def int4pack_group(in_features: int, out_features: int, group_size: int) -> int | None:
+    """The group size ``_weight_int4pack_mm_for_cpu`` runs a layer with, or None if it cannot:
+    the scheme's own group (32..256, dividing K), or for per-row scales (group_size 0) the largest
+    of 256..32 dividing K (the row's scale repeated per group). N must be a multiple of 16."""
+    if out_features % 16:
+        return None
+    k = in_features
+    if group_size <= 0 or group_size >= k:
+        return next((g for g in reversed(INT4PACK_GROUPS) if k % g == 0), None)
+    return group_size if group_size in INT4PACK_GROUPS and k % group_size == 0 else None
+
+
+def int4pack_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                    group_size: int, in_features: int, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(packed weight, scales_and_zeros [K/g, N, 2] in ``dtype``, g) for
+    ``torch._weight_int4pack_mm_for_cpu``, which applies w = (u - 8) * s + z to unsigned nibbles u.
+
+    Symmetric levels q in [-8, 7]: u = q + 8, z = 0 (exact: w = q * s). Asymmetric levels u in
+    [0, 15] with integer zero point zp: w = (u - zp) * s = (u - 8) * s + (8 - zp) * s, so
+    z = (8 - zp) * s (one float rounding). None when the shape does not suit the kernel."""
+    k = in_features
+    n = qweight.shape[0]
+    g = int4pack_group(k, n, group_size)
+    if g is None or bits > 4:
+        return None
+    asym = zero is not None
+    q = unpack_weight(qweight, bits, k, asym).to(torch.int32)
+    u = q if asym else q + 8
+    packed = torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
+    groups = k // g
+    s = scale.float().reshape(n, -1)
+    zf = zero.float().reshape(n, -1) if asym else None
+    if s.shape[1] == 1:  # per row: the same scale for every group of the row
+        s = s.expand(n, groups)
+        zf = zf.expand(n, groups) if asym else None
+    z = (8.0 - zf) * s if asym else torch.zeros_like(s)
+    sz = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
+    return packed, sz, g
+
+
+def int8pack_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row scales [N] in the activation dtype, as ``torch._weight_int8pack_mm`` takes them."""
+    return scale.reshape(-1).to(dtype).contiguous()

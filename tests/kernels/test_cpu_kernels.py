@@ -1,0 +1,211 @@
+"""The CPU integer kernels (kernels/cpu_linear.py, kernels/cpu_native.py) against the pure-torch
+references: bit for bit where the reference is exact (W8A8 and QUIK: int32 accumulators and the
+float epilogue in the reference's order; the weight-only dequantize path), to float rounding for
+the weight-only integer kernels; layouts built once per layer; fallbacks said once."""
+
+import logging
+
+import pytest
+import torch
+
+import qcompile  # noqa: F401  (registers the ops)
+from qcompile.formats import PerGroup, PerRow, pack_int4, pack_weight, quantize_weight, row_sum
+from qcompile.kernels import cpu_linear as cl
+from qcompile.kernels import cpu_native, ops
+from qcompile.kernels.w4a4_outlier_gemm import w4a4_outlier_linear_reference
+from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
+from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BACKENDS = ["gemv", "onednn", "int_mm"]
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"no native CPU helpers: {cpu_native.build_error()}")
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    name = request.param
+    if name == "gemv" and not cpu_native.has_vnni():
+        pytest.skip("the helper library was built without AVX-512 VNNI")
+    if name == "onednn" and not cl._onednn_available():
+        pytest.skip("oneDNN's quantized linear is not in this torch build")
+    monkeypatch.setattr(cl, "FORCE_BACKEND", name)
+    return name
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 77, 45), (3, 1500, 33), (9, 64, 17), (37, 1030, 50)])
+def test_w8a8_equals_the_reference_bit_for_bit(backend, dtype, m, k, n):
+    g = _gen(m * k + n)
+    x = (torch.randn(2, m, k, generator=g) * 3).to(dtype)
+    qw = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    sw = torch.rand(n, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=g).half()  # stored 16-bit: the reference adds bias.float()
+    assert torch.equal(cl.w8a8_linear_cpu(x, qw, sw, bias), w8a8_linear_reference(x, qw, sw, bias))
+    static = torch.tensor(0.02)
+    assert torch.equal(cl.w8a8_linear_cpu(x, qw, sw, None, static), w8a8_linear_reference(x, qw, sw, None, static))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_w8a8_int32_accumulators_at_the_extremes(backend):
+    # every product +-127 * -128: sums far beyond float32's exact integers (2^24)
+    k, n, m = 4096, 32, 3
+    x = torch.full((m, k), -1.0)
+    x[1] = 1.0
+    x[2, ::2] = 0.5
+    qw = torch.full((n, k), -128, dtype=torch.int8)
+    qw[::3] = 127
+    sw = torch.ones(n)
+    got = cl.w8a8_linear_cpu(x, qw, sw)
+    assert torch.equal(got, w8a8_linear_reference(x, qw, sw))
+    assert got[0, 0].item() == -127 * k  # acc = -127 * 127 * 4096, scaled back by s_x = 1/127
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a_bits", [4, 8])
+@pytest.mark.parametrize("layout", ["last", "perm", "outlier_idx", "no_outliers"])
+@pytest.mark.parametrize("m", [1, 5, 19])
+def test_quik_equals_the_reference_bit_for_bit(backend, dtype, a_bits, layout, m):
+    g = _gen(m + a_bits)
+    k, n = 103, 40
+    k_out = 0 if layout == "no_outliers" else 7
+    kq = k - k_out
+    half = 2 ** (a_bits - 1)
+    q = torch.randint(-half, half, (n, kq), dtype=torch.int8, generator=g)
+    stored = pack_int4(q) if a_bits == 4 else q
+    sw = torch.rand(n, generator=g) * 0.1 + 0.01
+    ow = torch.randn(n, k_out, generator=g).half()
+    perm = torch.randperm(k, generator=g) if layout == "perm" else None
+    oidx = torch.randperm(k, generator=g)[:k_out] if layout == "outlier_idx" else None
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(2, m, k, generator=g).to(dtype)
+    args = (x, stored, sw, row_sum(q, sw), ow, oidx, perm, bias, a_bits)
+    assert torch.equal(cl.w4a4_outlier_linear_cpu(*args), w4a4_outlier_linear_reference(*args))
+
+
+WEIGHT_ONLY = [(4, PerRow(), True), (4, PerGroup(32), False), (4, PerGroup(64), True), (3, PerRow(), True),
+               (3, PerGroup(32), False), (8, PerRow(), True), (8, PerGroup(32), False)]
+
+
+@pytest.mark.parametrize("bits,gran,sym", WEIGHT_ONLY, ids=lambda v: str(v))
+@pytest.mark.parametrize("k,n", [(77, 45), (256, 48)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_only_prefill_path_equals_the_reference_bit_for_bit(bits, gran, sym, k, n, dtype):
+    g = _gen(bits * k + n)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, gran, sym)
+    args = (pack_weight(qw.q, bits), qw.scale, qw.zero, torch.randn(n, generator=g), bits, qw.group_size, k)
+    x = torch.randn(3, cl.INT4PACK_MAX_M + 2, k, generator=g).to(dtype)  # above every small-M threshold
+    assert torch.equal(cl.weight_only_linear_cpu(x, *args), weight_only_linear_reference(x, *args))
+
+
+@pytest.mark.parametrize("bits,gran,sym", WEIGHT_ONLY, ids=lambda v: str(v))
+@pytest.mark.parametrize("k,n", [(77, 45), (256, 48), (1536, 64)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("m", [1, 7])
+def test_weight_only_decode_kernels_agree_to_float_rounding(bits, gran, sym, k, n, dtype, tol, m):
+    g = _gen(bits * k + n + m)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, gran, sym)
+    args = (pack_weight(qw.q, bits), qw.scale, qw.zero, torch.randn(n, generator=g), bits, qw.group_size, k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    got = cl.weight_only_linear_cpu(x, *args)
+    ref = weight_only_linear_reference(x.float(), *args)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert ((got.float() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_the_int4_layout_serves_per_row_scales_as_repeated_groups():
+    from qcompile.formats.cpu_layout import int4pack_group
+    assert int4pack_group(4096, 4096, 0) == 256
+    assert int4pack_group(576, 1536, 0) == 64
+    assert int4pack_group(11008, 4096, 0) == 256  # 11008 = 43 * 256
+    assert int4pack_group(4096, 4096, 128) == 128
+    assert int4pack_group(77, 48, 0) is None and int4pack_group(256, 45, 0) is None
+    assert int4pack_group(576, 1536, 128) is None  # 576 is not a multiple of 128
+
+
+def _w8a8_args(k=96, n=32):
+    g = _gen(0)
+    return torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) * 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_layouts_are_built_once_and_rebuilt_when_the_weight_changes(backend):
+    qw, sw = _w8a8_args()
+    x = torch.randn(4, 96)
+    cl.w8a8_linear_cpu(x, qw, sw)
+    before = cl.layout_builds["count"]
+    for _ in range(3):
+        cl.w8a8_linear_cpu(torch.randn(4, 96), qw, sw)
+    assert cl.layout_builds["count"] == before  # no re-layout per call
+    with torch.no_grad():
+        qw.mul_(-1).clamp_(-127, 127)  # in place: the cached layout must not be used any more
+    assert torch.equal(cl.w8a8_linear_cpu(x, qw, sw), w8a8_linear_reference(x, qw, sw))
+
+
+def test_a_fallback_is_said_once_per_kind_of_shape(caplog, monkeypatch):
+    monkeypatch.setattr(cl, "_said", set())
+    qw = quantize_weight(torch.randn(45, 77), 4, PerRow(), True)  # N % 16 != 0, K not a multiple of 32
+    args = (pack_weight(qw.q, 4), qw.scale, None, None, 4, 0, 77)
+    with caplog.at_level(logging.WARNING, logger="qcompile.kernels.cpu"):
+        for _ in range(3):
+            x = torch.randn(1, 77)
+            y = cl.weight_only_linear_cpu(x, *args)
+    said = [r for r in caplog.records if "int4pack" in r.getMessage()]
+    assert len(said) == 1 and "K=77" in said[0].getMessage()
+    assert torch.equal(y, weight_only_linear_reference(x, *args))  # the fallback: the reference's arithmetic
+
+
+def test_without_the_native_helpers_the_ops_run_the_references(monkeypatch):
+    monkeypatch.setattr(cpu_native, "lib", lambda: None)
+    monkeypatch.setattr(cl, "_said", set())
+    qw, sw = _w8a8_args()
+    x = torch.randn(5, 96)
+    assert torch.equal(torch.ops.qcompile.w8a8_linear(x, qw, sw), w8a8_linear_reference(x, qw, sw))
+    q = torch.randint(-8, 8, (32, 90), dtype=torch.int8)
+    ow = torch.randn(32, 6).half()
+    args = (x, pack_int4(q), sw, row_sum(q, sw), ow, None, None, None, 4)
+    assert torch.equal(torch.ops.qcompile.w4a4_outlier_linear(*args), w4a4_outlier_linear_reference(*args))
+
+
+def test_cpu_tensors_dispatch_to_the_cpu_kernels(monkeypatch):
+    calls = []
+    real = cl.w8a8_linear_cpu
+    monkeypatch.setattr(cl, "w8a8_linear_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qw, sw = _w8a8_args()
+    torch.ops.qcompile.w8a8_linear(torch.randn(2, 96), qw, sw)
+    assert calls == [1]
+    monkeypatch.setattr(ops, "_use_cpu", lambda *t: False)  # the reference, for comparison
+    torch.ops.qcompile.w8a8_linear(torch.randn(2, 96), qw, sw)
+    assert calls == [1]
+
+
+def test_one_openmp_runtime_is_loaded():
+    """The helpers link libgomp.so.1 and reuse the one torch loaded (one thread pool, no fight)."""
+    maps = open("/proc/self/maps").read()
+    paths = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(paths) <= 1, paths
+
+
+def test_lowered_graph_compiles_with_inductor_and_gives_the_same_outputs():
+    from torch import nn
+    from qcompile.passes import QuantizeLinears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    example = (torch.randn(3, 64),)
+    gm = qcompile.compile(model, passes=[QuantizeLinears(w_bits=8, a_bits=8, overrides={
+        "re:.*2": {"w_bits": 4, "a_bits": None, "w_granularity": PerGroup(32)}})], example_inputs=example)
+    x = torch.randn(2, 7, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend="inductor", dynamic=True)
+    with torch.no_grad():
+        ref = gm(x)
+        assert torch.equal(compiled(x), ref)
+        x2 = torch.randn(2, 19, 64)
+        assert torch.equal(compiled(x2), gm(x2))

@@ -1,0 +1,76 @@
+"""qcompile.fast_generate: the CPU fast path of `qcompile generate` / `qcompile eval`."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import fast_generate as fg
+from qcompile.eager import LoweredLinear, apply_to_eager
+from qcompile.passes import QuantizeLinears
+from models_for_tests import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def lowered_llama():
+    model = tiny_llama(layers=1)
+    gm = qcompile.compile(model, passes=[QuantizeLinears(w_bits=8, a_bits=8, overrides={
+        "re:.*mlp.*": {"w_bits": 4, "a_bits": None}})])
+    return model, gm
+
+
+def _hf_greedy(model, ids, n):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def test_greedy_decoding_equals_hf_generate(lowered_llama):
+    model, gm = lowered_llama
+    eager = apply_to_eager(gm, model)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    want = _hf_greedy(eager, ids, 12)
+    got = fg.FastModel(eager, dtype="fp32", compile_decode=False).generate(ids, 12, eos_token_id=2)
+    assert torch.equal(got, want)
+
+
+def test_compiled_static_cache_decode_gives_the_same_tokens(lowered_llama):
+    model, gm = lowered_llama
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    eager = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=False).generate(ids, 8)
+    compiled = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=True).generate(ids, 8)
+    assert torch.equal(compiled, eager)
+
+
+def test_bf16_casts_the_float_parts_and_keeps_the_lowered_tensors(lowered_llama):
+    model, gm = lowered_llama
+    runner = fg.FastModel(apply_to_eager(gm, model), dtype="bf16", compile_decode=False)
+    lowered = [m for m in runner.model.modules() if isinstance(m, LoweredLinear)]
+    assert lowered and all(b.dtype != torch.bfloat16 for m in lowered for b in m.buffers())
+    assert runner.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for n, b in runner.model.named_buffers() if "inv_freq" in n)
+    ids = torch.randint(0, 128, (1, 6))
+    logits = runner.logits(ids)
+    ref = apply_to_eager(gm, model)(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    assert ((logits.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_auto_dtype_keeps_tiny_models_in_float32(monkeypatch):
+    monkeypatch.setattr(fg, "cpu_has_bf16", lambda: True)
+    assert fg.resolve_dtype("auto", tiny_llama()) == torch.float32
+    monkeypatch.setattr(fg, "BF16_MIN_PARAMS", 10)
+    assert fg.resolve_dtype("auto", tiny_llama()) == torch.bfloat16
+    monkeypatch.setattr(fg, "cpu_has_bf16", lambda: False)
+    assert fg.resolve_dtype("auto", tiny_llama()) == torch.float32
+    assert fg.resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        fg.resolve_dtype("int8")
+
+
+def test_sampling_is_repeatable_with_a_seed(lowered_llama):
+    model, gm = lowered_llama
+    runner = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=False)
+    ids = torch.randint(0, 128, (1, 4))
+    outs = [runner.generate(ids, 6, do_sample=True, temperature=0.8, top_p=0.9,
+                            generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1]) and outs[0].shape == (1, 10)
