@@ -220,3 +220,19 @@ def test_legacy_nodes_without_a_recorded_scheme_are_inferred():
             want = scheme_from_json(node.meta["qcompile"].pop("format"))
             assert LoweredNode.of(node).scheme == want
     assert "toy_w6" not in registered_schemes()
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4g32"])
+def test_models_saved_in_format_version_1_still_load_and_compute_the_same(name):
+    """tests/data holds models saved at 7dc535c (before the format layer; see its README)."""
+    from pathlib import Path
+    from safetensors.torch import load_file
+    data = Path(__file__).parent / "data"
+    expected = load_file(str(data / "v1_expected.safetensors"))
+    loaded = qcompile.load(data / f"v1_{name}")
+    nodes = lowered_nodes(loaded)
+    assert nodes and all(isinstance(ln.scheme, W8A8 if name == "w8a8" else WeightOnly) for ln in nodes)
+    if name == "w4g32":
+        assert nodes[0].scheme == WeightOnly(4, PerGroup(32), False)
+    with torch.no_grad():
+        assert torch.equal(loaded(expected["ids"]), expected[name])
