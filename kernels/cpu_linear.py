@@ -27,15 +27,14 @@ once per kind of shape on the ``qcompile.kernels.cpu`` logger.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.formats import is_packed
 from qcompile.formats.cpu_layout import int4pack_layout, int8_colsum, int8pack_scale, quik_int8_weight
@@ -59,7 +58,7 @@ _VNNI_MAX_K = 65792     # 255 * 128 * K < 2^31: the GEMV's int32 sums stay exact
 
 _FLOAT_CODES = cpu_native.DTYPE_CODE
 _said: set[str] = set()
-_layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_layouts: dict[int, tuple] = {}  # id(owner) -> (weakref to owner, {kind: (stamp, layout)})
 layout_builds = {"count": 0}  # how many layouts were built (tests: once per layer, not per call)
 
 
@@ -75,16 +74,18 @@ def _say_once(kind: str, message: str) -> None:
 
 
 def _stamp(t: Tensor | None) -> tuple | None:
-    return None if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+    return None if t is None else (id(t), t._version, t.data_ptr())
 
 
 def _layout(owner: Tensor, kind: str, sources: tuple, build: Callable[[], object]) -> object:
     """``build()``, cached on ``owner`` (a stored tensor) under ``kind``, rebuilt when any of
-    ``sources`` changed (identity, in-place version, storage, shape, dtype)."""
-    stamp = tuple(_stamp(t) for t in sources)
-    per_owner = _layouts.get(owner)
-    if per_owner is None:
-        per_owner = _layouts[owner] = {}
+    ``sources`` changed (identity, in-place version counter, storage)."""
+    stamp = tuple([_stamp(t) for t in sources])
+    key = id(owner)
+    entry = _layouts.get(key)
+    if entry is None or entry[0]() is not owner:  # (a plain dict: torch's WeakIdKeyDictionary costs ~10 us a lookup)
+        entry = _layouts[key] = (weakref.ref(owner, lambda _, key=key, d=_layouts: d.pop(key, None)), {})
+    per_owner = entry[1]
     hit = per_owner.get(kind)
     if hit is not None and hit[0] == stamp:
         return hit[1]
@@ -140,24 +141,44 @@ def int_backend(m: int, k: int, n: int) -> str:
     return "int_mm"
 
 
-def _int_gemm(qx: Tensor, w8: Tensor, backend: str, owner: Tensor, kind: str, nat) -> Tensor:
-    """Exact qx @ w8^T: int32 [M, N], or for "onednn" float32 holding the same integers rounded to
-    float32 (oneDNN converts its int32 accumulator with scales 1.0: exactly ``acc.float()``).
-    qx is uint8 q + 128 for "gemv" (the VNNI operand), int8 otherwise."""
-    m, k = qx.shape
-    n = w8.shape[0]
-    if backend == "gemv":
-        colsum = _layout(owner, f"{kind}:colsum", (owner,), lambda: int8_colsum(w8))
-        acc = torch.empty(m, n, dtype=torch.int32)
-        nat.qc_gemv_u8s8(qx.data_ptr(), k, w8.data_ptr(), w8.stride(0), colsum.data_ptr(),
-                         acc.data_ptr(), n, m, n, k, torch.get_num_threads())
-        return acc
+class _Prepared:
+    """A layer's CPU layouts, built on demand and kept (one lookup per call): the float32 scales
+    and bias the epilogue reads, the int8 weight [N, K] the GEMMs read, and per backend its own
+    layout (VNNI column sums; oneDNN's prepacked weight)."""
+
+    def __init__(self, w8: Tensor, sw: Tensor, bias: Tensor | None, extra: dict | None = None):
+        self.w8 = w8
+        self.sw = sw.float().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.extra = extra or {}
+        self._colsum = self._onednn = None
+
+    @property
+    def colsum(self) -> Tensor:
+        if self._colsum is None:
+            self._colsum = int8_colsum(self.w8)
+            layout_builds["count"] += 1
+        return self._colsum
+
+    @property
+    def onednn(self) -> tuple:
+        if self._onednn is None:
+            n = self.w8.shape[0]
+            self._onednn = (torch.ops.onednn.qlinear_prepack(self.w8, None), torch.ones(n),
+                            torch.zeros(n, dtype=torch.long))
+            layout_builds["count"] += 1
+        return self._onednn
+
+
+def _int_gemm(qx: Tensor, prep: _Prepared, backend: str) -> Tensor:
+    """Exact qx @ w8^T for "int_mm" (int32 [M, N]) or "onednn" (float32 holding the same integers
+    rounded to float32: oneDNN converts its int32 accumulator with scales 1.0, exactly
+    ``acc.float()``); qx int8. (The "gemv" backend runs inside the native small-M calls.)"""
     if backend == "onednn":
-        wp, ones, zeros = _layout(owner, f"{kind}:onednn", (owner,), lambda: (
-            torch.ops.onednn.qlinear_prepack(w8, None), torch.ones(n), torch.zeros(n, dtype=torch.long)))
+        wp, ones, zeros = prep.onednn
         return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, wp, ones, zeros, None, 1.0, 0, torch.float32,
                                                   "none", [], "")
-    return torch._int_mm(qx, w8.t())
+    return torch._int_mm(qx, prep.w8.t())
 
 
 def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None = None,
@@ -169,12 +190,12 @@ def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | 
         _say_once("w8a8:unsupported", f"w8a8_linear on {x.dtype} activations / {qweight.dtype} weights "
                   f"{'without the native helpers ' if nat is None else ''}runs the reference")
         return w8a8_linear_reference(x, qweight, w_scale, bias, act_scale)
-    static = 0.0
-    if act_scale is not None:
-        static = _layout(act_scale, "static_scale", (act_scale,), lambda: float(act_scale.float()))
-        if not static > 0.0:  # a zero/NaN calibrated scale: keep the reference's behaviour
-            _say_once("w8a8:static_scale", "w8a8_linear with a non-positive static activation scale runs the reference")
-            return w8a8_linear_reference(x, qweight, w_scale, bias, act_scale)
+    prep = _layout(qweight, "w8a8", (qweight, w_scale, bias, act_scale), lambda: _Prepared(
+        qweight, w_scale, bias, {"static": 0.0 if act_scale is None else float(act_scale.float())}))
+    static = prep.extra["static"]
+    if act_scale is not None and not static > 0.0:  # a zero/NaN calibrated scale: the reference's behaviour
+        _say_once("w8a8:static_scale", "w8a8_linear with a non-positive static activation scale runs the reference")
+        return w8a8_linear_reference(x, qweight, w_scale, bias, act_scale)
     lead = x.shape[:-1]
     x2 = _rows(x, k)
     m = x2.shape[0]
@@ -182,17 +203,18 @@ def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | 
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     nt = torch.get_num_threads()
+    code = _FLOAT_CODES[x.dtype]
     backend = int_backend(m, k, n)
-    gemv = backend == "gemv"
-    qx = torch.empty(m, k, dtype=torch.uint8 if gemv else torch.int8)
+    if backend == "gemv":
+        nat.qc_w8a8_small(x2.data_ptr(), code, m, k, x2.stride(0), qweight.data_ptr(), qweight.stride(0),
+                          prep.colsum.data_ptr(), prep.sw.data_ptr(), _ptr(prep.bias), static, out.data_ptr(), n, nt)
+        return out.reshape(*lead, n)
+    qx = torch.empty(m, k, dtype=torch.int8)
     sx = torch.empty(m, dtype=torch.float32)
-    nat.qc_quant_sym(x2.data_ptr(), _FLOAT_CODES[x.dtype], m, k, x2.stride(0), qx.data_ptr(), k, sx.data_ptr(),
-                     ctypes.c_float(static), 128 if gemv else 0, nt)
-    acc = _int_gemm(qx, qweight, backend, qweight, "w8a8", nat)
-    sw = _f32(w_scale, qweight, "w_scale_f32")
-    b = _f32(bias, qweight, "bias_f32")
-    nat.qc_epilogue_w8a8(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), sx.data_ptr(), sw.data_ptr(), _ptr(b), out.data_ptr(),
-                         _FLOAT_CODES[x.dtype], n, m, n, nt)
+    nat.qc_quant_sym(x2.data_ptr(), code, m, k, x2.stride(0), qx.data_ptr(), k, sx.data_ptr(), static, 0, nt)
+    acc = _int_gemm(qx, prep, backend)
+    nat.qc_epilogue_w8a8(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), sx.data_ptr(),
+                         prep.sw.data_ptr(), _ptr(prep.bias), out.data_ptr(), code, n, m, n, nt)
     return out.reshape(*lead, n)
 
 
@@ -215,6 +237,9 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
                   + " runs the reference")
         return w4a4_outlier_linear_reference(x, qweight, w_scale, row_sum, outlier_weight, outlier_idx,
                                              perm, bias, a_bits)
+    prep = _layout(qweight, "quik", (qweight, w_scale, row_sum, outlier_weight, bias), lambda: _Prepared(
+        quik_int8_weight(qweight, kq), w_scale, bias,
+        {"rs": row_sum.float().contiguous(), "ow": outlier_weight.float().contiguous()}))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -224,26 +249,25 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
     xq, xo = split_outlier_columns(x2, k_out, outlier_idx, perm)  # the reference's own split
     if xq.stride(-1) != 1:
         xq = xq.contiguous()
+    outl = xo.float() @ prep.extra["ow"].T if k_out else None  # the reference's float32 outlier GEMM, same call
     nt = torch.get_num_threads()
+    code = _FLOAT_CODES[x.dtype]
+    rs = prep.extra["rs"]
     backend = int_backend(m, kq, n)
-    gemv = backend == "gemv"
-    qx = torch.empty(m, kq, dtype=torch.uint8 if gemv else torch.int8)
+    if backend == "gemv":
+        nat.qc_quik_small(xq.data_ptr(), code, m, kq, xq.stride(0), prep.w8.data_ptr(), prep.w8.stride(0),
+                          prep.colsum.data_ptr(), prep.sw.data_ptr(), rs.data_ptr(), a_bits, _ptr(outl),
+                          outl.stride(0) if outl is not None else 0, _ptr(prep.bias), out.data_ptr(), n, nt)
+        return out.reshape(*lead, n)
+    qx = torch.empty(m, kq, dtype=torch.int8)
     st = torch.empty(m, dtype=torch.float32)
     mt = torch.empty(m, dtype=torch.float32)
-    nat.qc_quant_asym(xq.data_ptr(), _FLOAT_CODES[x.dtype], m, kq, xq.stride(0), qx.data_ptr(), kq,
-                      st.data_ptr(), mt.data_ptr(), a_bits, 128 if gemv else 0, nt)
-    w8 = _layout(qweight, "quik_int8", (qweight,), lambda: quik_int8_weight(qweight, kq))
-    acc = _int_gemm(qx, w8, backend, qweight, "quik", nat)
-    outl = None
-    if k_out:
-        ow = _layout(qweight, "outlier_f32", (outlier_weight,), lambda: outlier_weight.float().contiguous())
-        outl = xo.float() @ ow.T  # the reference's float32 outlier GEMM, same call
-    sw = _f32(w_scale, qweight, "w_scale_f32")
-    rs = _f32(row_sum, qweight, "row_sum_f32")
-    b = _f32(bias, qweight, "bias_f32")
-    nat.qc_epilogue_quik(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), st.data_ptr(), mt.data_ptr(), sw.data_ptr(), rs.data_ptr(),
-                         ctypes.c_float(2 ** (a_bits - 1)), _ptr(outl), outl.stride(0) if outl is not None else 0,
-                         _ptr(b), out.data_ptr(), _FLOAT_CODES[x.dtype], n, m, n, nt)
+    nat.qc_quant_asym(xq.data_ptr(), code, m, kq, xq.stride(0), qx.data_ptr(), kq, st.data_ptr(), mt.data_ptr(),
+                      a_bits, 0, nt)
+    acc = _int_gemm(qx, prep, backend)
+    nat.qc_epilogue_quik(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), st.data_ptr(), mt.data_ptr(),
+                         prep.sw.data_ptr(), rs.data_ptr(), 2.0 ** (a_bits - 1), _ptr(outl),
+                         outl.stride(0) if outl is not None else 0, _ptr(prep.bias), out.data_ptr(), code, n, m, n, nt)
     return out.reshape(*lead, n)
 
 

@@ -376,4 +376,32 @@ void qc_dequant(const uint8_t* q, int qkind, int64_t ldq, int64_t N, int64_t K, 
         }
     }
 }
+
+/* ------------------------------------------------------------------ small M in one call
+ * The decode path without round trips through Python: quantize, VNNI GEMV, epilogue (the
+ * functions above, in the same order, on scratch buffers). */
+void qc_w8a8_small(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, const int8_t* B, int64_t ldb,
+                   const int32_t* colsum, const float* sw, const float* bias, float static_scale,
+                   void* out, int64_t N, int nthreads) {
+    uint8_t* qa = (uint8_t*)malloc((size_t)(M * K));
+    float* sx = (float*)malloc((size_t)M * sizeof(float));
+    int32_t* acc = (int32_t*)malloc((size_t)(M * N) * sizeof(int32_t));
+    qc_quant_sym(x, dt, M, K, ldx, qa, K, sx, static_scale, 128, 1);
+    qc_gemv_u8s8(qa, K, B, ldb, colsum, acc, N, M, N, K, nthreads);
+    qc_epilogue_w8a8(acc, 0, N, sx, sw, bias, out, dt, N, M, N, 1);
+    free(qa); free(sx); free(acc);
+}
+
+void qc_quik_small(const void* xq, int dt, int64_t M, int64_t Kq, int64_t ldx, const int8_t* B, int64_t ldb,
+                   const int32_t* colsum, const float* sw, const float* rs, int bits, const float* outl, int64_t ldl,
+                   const float* bias, void* out, int64_t N, int nthreads) {
+    uint8_t* qa = (uint8_t*)malloc((size_t)(M * Kq));
+    float* st = (float*)malloc((size_t)M * sizeof(float));
+    float* mt = (float*)malloc((size_t)M * sizeof(float));
+    int32_t* acc = (int32_t*)malloc((size_t)(M * N) * sizeof(int32_t));
+    qc_quant_asym(xq, dt, M, Kq, ldx, qa, Kq, st, mt, bits, 128, 1);
+    qc_gemv_u8s8(qa, Kq, B, ldb, colsum, acc, N, M, N, Kq, nthreads);
+    qc_epilogue_quik(acc, 0, N, st, mt, sw, rs, (float)(1 << (bits - 1)), outl, ldl, bias, out, dt, N, M, N, 1);
+    free(qa); free(st); free(mt); free(acc);
+}
 """

@@ -122,3 +122,15 @@ def w4a4_outlier_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum: Te
 @w4a4_outlier_linear.register_fake
 def _(x, qweight, w_scale, row_sum, outlier_weight, outlier_idx, perm, bias, a_bits):
     return _linear_fake(x, qweight.shape[0])
+
+
+# ---------------------------------------------------------------- CPU: the same dispatch, straight on the CPU key
+# A custom op's Python wrappers (backend wrapper, dynamo-disable frame, output alias checks) cost tens of
+# microseconds per call, which a decode step pays once per linear (211 times on SmolLM2). The functions
+# above are registered again as plain CPU kernels, so CPU calls go dispatcher -> function; the custom op
+# still provides the schema, the fake implementation and the autograd registration (skipped entirely
+# under torch.inference_mode, which qcompile.fast_generate uses).
+_CPU_LIB = torch.library.Library("qcompile", "IMPL")
+for _name, _op in (("w8a8_linear", w8a8_linear), ("weight_only_linear", weight_only_linear),
+                   ("w4a4_outlier_linear", w4a4_outlier_linear)):
+    _CPU_LIB.impl(_name, _op._init_fn, "CPU")
