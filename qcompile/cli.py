@@ -1,4 +1,4 @@
-"""The ``qcompile`` command line: compile, eval, diff, report, generate, bench, recipes.
+"""The ``qcompile`` command line: compile, eval, diff, report, generate, bench, export, recipes.
 
 Every failure prints one clear message and exits non-zero; nothing partial is written to --out.
 """
@@ -259,6 +259,30 @@ def cmd_bench(args) -> None:
     raise SystemExit(subprocess.call([sys.executable, str(script), *args.rest]))
 
 
+def cmd_export(args) -> None:
+    from qcompile.export import ExportError, export
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CLIError(f"{out} already exists; pass --force to replace it")
+    gm = _load_compiled(args.dir)
+    tok = _tokenizer_of(Path(args.dir))
+    dtype = None if args.float_dtype == "auto" else args.float_dtype
+    if dtype is None:  # the saved model's float storage dtype: its values are exact there
+        import qcompile
+        entries = qcompile.serialize.read_manifest(args.dir)["tensors"].values()
+        stored = [e["stored_dtype"] for e in entries if isinstance(e, dict) and "stored_dtype" in e]
+        dtype = max(set(stored), key=stored.count) if stored else None
+    try:
+        path = export(gm, out, format=args.format, tokenizer=tok, overwrite=args.force, dtype=dtype,
+                      max_shard_size=int(args.max_shard_size * 2**20))
+    except ExportError as err:
+        raise CLIError(str(err)) from err
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"exported {args.dir} as {args.format} to {path} ({size / 2**20:.1f} MiB); load it with "
+          f"transformers (pip install 'qcompile[export]') or vLLM")
+
+
 def cmd_recipes(args) -> None:
     from qcompile import recipes
     if args.name:
@@ -334,6 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="kernel benchmarks (needs a GPU)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a saved compiled model as a checkpoint transformers and vLLM load")
+    p.add_argument("dir", help="saved compiled model (qcompile compile ... --out DIR)")
+    p.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--float-dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="float tensors (embeddings, norms, scales, biases); auto: the dtype the saved model stores them in")
+    p.add_argument("--max-shard-size", type=float, default=5120, help="MiB per safetensors shard")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recipes", help="list recipes, or print one as YAML/JSON to edit")
     p.add_argument("name", nargs="?")

@@ -19,8 +19,8 @@ import torch
 
 from qcompile.formats.granularity import PerRow, PerToken
 from qcompile.formats.numerics import pack_int4, quantize_weight, row_sum, unpack_int4
-from qcompile.formats.scheme import (LinearSpec, LoweredScheme, Lowering, TensorSpec, WeightInput,
-                                     register_scheme, sqnr_db)
+from qcompile.formats.scheme import (LinearSpec, LoweredScheme, Lowering, NotRepresentable, TensorSpec,
+                                     WeightInput, register_scheme, sqnr_db)
 from qcompile.formats.weight_only import rounded_usable
 
 __all__ = ["OutlierHybrid"]
@@ -131,3 +131,16 @@ class OutlierHybrid(LoweredScheme):
                 TensorSpec("outlier_idx", torch.int64, "[k_out]", optional=True),
                 TensorSpec("perm", torch.int64, "[K]", optional=True),
                 TensorSpec("bias", torch.float32, "[N]", rounded_float=True, optional=True))
+
+    # ---- export
+    def compressed_tensors_scheme(self) -> dict[str, Any]:
+        """None: compressed-tensors has no float outlier columns beside integer ones (nor per-token
+        asymmetric W4A4 with an absorbed input gather), so QUIK stays in qcompile's own format."""
+        raise NotRepresentable(
+            f"{self.describe()} (QUIK) keeps float outlier columns beside the integer ones, which the "
+            "compressed-tensors format cannot represent; save it in qcompile's own format instead "
+            "(qcompile.save(gm, DIR) / `qcompile compile ... --out DIR`)")
+
+    def compressed_tensors_tensors(self, tensors: Mapping[str, torch.Tensor], in_features: int,
+                                   float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return self.compressed_tensors_scheme()  # raises

@@ -16,6 +16,9 @@ from qcompile.formats.numerics import quantize_weight
 from qcompile.formats.scheme import (LinearSpec, LoweredScheme, Lowering, TensorSpec, WeightInput,
                                      register_scheme, sqnr_db)
 
+# compressed-tensors' description of the weights: int8, symmetric, one scale per output channel
+_CT_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+
 __all__ = ["W8A8"]
 
 
@@ -86,3 +89,28 @@ class W8A8(LoweredScheme):
                 TensorSpec("w_scale", torch.float32, "[N]", rounded_float=True),
                 TensorSpec("act_scale", torch.float32, "[]", rounded_float=True, optional=not self.static),
                 TensorSpec("bias", torch.float32, "[N]", rounded_float=True, optional=True))
+
+    # ---- export
+    def compressed_tensors_scheme(self) -> dict[str, Any]:
+        """Format ``int-quantized``: int8 weights per channel; activations int8 symmetric, per
+        token and dynamic, or per tensor with a static ``input_scale``.
+
+        Activation rounding differs by convention: qcompile's per-token scale is abs-max / 127
+        (levels [-127, 127]); compressed-tensors' is abs-max / 127.5 (levels [-128, 127]), so a
+        loader that fake-quantizes dynamic activations rounds them slightly differently (the
+        static per-tensor case is the same arithmetic: round(x / s) clamped to [-128, 127])."""
+        acts = ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+                if self.static else
+                {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True})
+        return {"format": "int-quantized", "weights": dict(_CT_WEIGHTS), "input_activations": acts}
+
+    def compressed_tensors_tensors(self, tensors: Mapping[str, torch.Tensor], in_features: int,
+                                   float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``weight`` int8 [N, K] (qweight as stored), ``weight_scale`` [N, 1], and for static
+        activations ``input_scale`` [1]."""
+        q = tensors["qweight"]
+        out = {"weight": q.to(torch.int8).contiguous(),
+               "weight_scale": tensors["w_scale"].reshape(q.shape[0], 1).to(float_dtype).contiguous()}
+        if self.static:
+            out["input_scale"] = tensors["act_scale"].reshape(1).to(float_dtype).contiguous()
+        return out

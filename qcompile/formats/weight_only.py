@@ -20,7 +20,39 @@ from qcompile.formats.numerics import (QuantizedWeight, dequantize_weight, pack_
 from qcompile.formats.scheme import (LinearSpec, LoweredScheme, Lowering, RoundedWeights, TensorSpec,
                                      WeightInput, register_scheme, sqnr_db)
 
-__all__ = ["WeightOnly", "rounded_usable"]
+__all__ = ["WeightOnly", "rounded_usable", "pack_int32"]
+
+
+def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Dense int32 packing as compressed-tensors writes it (``pack_to_int32``): signed ``bits``-bit
+    integers ``q`` [R, C] are offset by 2^(bits-1) to unsigned, element i of a row (along ``dim``)
+    occupies bits [i*bits, (i+1)*bits) of the row's little-endian stream of 32-bit words (values
+    may straddle two words, e.g. 3 bits), ceil(C * bits / 32) words per row. ``dim=0`` packs along
+    the rows instead (the format's zero-point layout). Pure integer arithmetic: exact."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack_int32 packs 1..8-bit integers, got bits={bits}")
+    if q.dim() != 2 or q.is_floating_point():
+        raise TypeError(f"pack_int32 expects a 2-D integer tensor, got {q.dtype} {tuple(q.shape)}")
+    offset = 1 << (bits - 1)
+    if q.numel() and (int(q.min()) < -offset or int(q.max()) > offset - 1):
+        raise ValueError(f"pack_int32: values must be signed {bits}-bit integers "
+                         f"[{-offset}, {offset - 1}], got [{int(q.min())}, {int(q.max())}]")
+    v = q.to(torch.int64) + offset
+    if dim == 0:
+        v = v.t()
+    rows, cols = v.shape
+    words = -(-cols * bits // 32)
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    word, shift = start // 32, start % 32
+    acc = torch.zeros(rows, words + 1, dtype=torch.int64)  # the bits never overlap: add == or
+    acc.scatter_add_(1, word.expand(rows, cols), v << shift)
+    acc = acc[:, :words] & 0xFFFFFFFF  # [words] holds at most 7 stray high bits, carried below
+    spill = (v >> (32 - shift)) * (shift + bits > 32)  # the part of a straddling value in word+1
+    over = torch.zeros(rows, words + 1, dtype=torch.int64)
+    over.scatter_add_(1, (word + 1).expand(rows, cols), spill)
+    acc = acc | over[:, :words]
+    out = torch.where(acc >= 2 ** 31, acc - 2 ** 32, acc).to(torch.int32)  # two's complement words
+    return (out.t() if dim == 0 else out).contiguous()
 
 
 def rounded_usable(record: RoundedWeights | None, w: torch.Tensor, bits: int, group_size: int,
@@ -117,3 +149,56 @@ class WeightOnly(LoweredScheme):
                 TensorSpec("scale", torch.float32, "[N, G]", rounded_float=True),
                 TensorSpec("zero", torch.float32, "[N, G]", rounded_float=True, optional=self.symmetric),
                 TensorSpec("bias", torch.float32, "[N]", rounded_float=True, optional=True))
+
+    # ---- export
+    def compressed_tensors_scheme(self) -> dict[str, Any]:
+        """Format ``pack-quantized``: integer weights, ``bits`` wide, per channel (``strategy
+        channel``) or per group (``strategy group``, ``group_size``), symmetric or asymmetric;
+        float activations. compressed-tensors requires the group size to divide every layer's
+        input width (``compressed_tensors_tensors`` refuses a layer where it does not)."""
+        weights: dict[str, Any] = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric,
+                                   "dynamic": False}
+        if self.group_size:
+            weights.update(strategy="group", group_size=self.group_size)
+        else:
+            weights.update(strategy="channel")
+        return {"format": "pack-quantized", "weights": weights, "input_activations": None}
+
+    def compressed_tensors_tensors(self, tensors: Mapping[str, torch.Tensor], in_features: int,
+                                   float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``weight_packed`` int32 [N, ceil(K*bits/32)] (``pack_int32`` of the signed integers),
+        ``weight_shape`` int64 [2] = (N, K), ``weight_scale`` [N, G] (per channel: [N, 1]) and,
+        asymmetric, ``weight_zero_point`` int32 [ceil(N*bits/32), G]: the signed zero points
+        packed along the output dimension, as compressed-tensors' own compressor writes them.
+
+        compressed-tensors keeps levels signed: qcompile's asymmetric levels q in [0, 2^b - 1]
+        with zero z are written as q - 2^(b-1) and z - 2^(b-1) (the same q - z)."""
+        k = in_features
+        g = self.group_size
+        if g and k % g:
+            raise NotRepresentable(f"group size {g} does not divide the layer's {k} input columns "
+                                   "(compressed-tensors needs whole groups)")
+        zero = tensors.get("zero")
+        q = unpack_weight(tensors["qweight"], self.bits, k, zero is not None).to(torch.int16)
+        n = q.shape[0]
+        scale = tensors["scale"]
+        groups = k // g if g and g < k else 1
+        if tuple(scale.shape) != (n, groups):
+            raise NotRepresentable(f"scale of shape {tuple(scale.shape)}, expected {(n, groups)}")
+        out = {}
+        if zero is None:
+            signed = q
+        else:
+            z = zero.to(torch.float64)
+            hi = 2 ** self.bits - 1
+            if not torch.equal(z, z.round()) or float(z.min()) < 0 or float(z.max()) > hi:
+                raise NotRepresentable(f"zero points must be integers in [0, {hi}] for an integer "
+                                       "zero-point format")
+            half = 2 ** (self.bits - 1)
+            signed = q - half
+            out["weight_zero_point"] = pack_int32(z.to(torch.int16) - half, self.bits, dim=0)
+        out["weight_packed"] = pack_int32(signed, self.bits)
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        out["weight_scale"] = scale.to(float_dtype).contiguous()
+        return {name: out[name] for name in ("weight_packed", "weight_shape", "weight_scale",
+                                             "weight_zero_point") if name in out}
