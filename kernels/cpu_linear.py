@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import weakref
 from typing import Callable
 
@@ -51,7 +52,7 @@ log = logging.getLogger("qcompile.kernels.cpu")
 
 # Dispatch thresholds (rows M = tokens of the call); measured on AVX-512 VNNI without AMX, see
 # docs/kernels.md "CPU dispatch" and bench/RESULTS.md "CPU speed".
-GEMV_MAX_M = 8          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, torch._int_mm above
+GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above
 INT4PACK_MAX_M = 16     # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
 INT8PACK_MAX_M = 16     # weight-only 8-bit: _weight_int8pack_mm up to here, dequantize + F.linear above
 _VNNI_MAX_K = 65792     # 255 * 128 * K < 2^31: the GEMV's int32 sums stay exact
@@ -102,6 +103,25 @@ def _f32(t: Tensor | None, owner: Tensor, kind: str) -> Tensor | None:
     return _layout(owner, kind, (t,), lambda: t.float().contiguous())
 
 
+_tls = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A reusable per-thread buffer (grown, never shrunk) viewed as ``shape``: large temporaries
+    (the dequantized weight, int8 activations, int32 accumulators) would otherwise be fresh
+    mmap'ed allocations whose pages fault in on every call. Never returned to the caller."""
+    pool = getattr(_tls, "pool", None)
+    if pool is None:
+        pool = _tls.pool = {}
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = pool.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = pool[(name, dtype)] = torch.empty(max(numel, 1), dtype=dtype)
+    return buf[:numel].view(shape)
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -118,7 +138,7 @@ def _onednn_available() -> bool:
     try:
         qw = torch.zeros(16, 32, dtype=torch.int8)
         wp = torch.ops.onednn.qlinear_prepack(qw, None)
-        torch.ops.onednn.qlinear_pointwise(torch.zeros(2, 32, dtype=torch.int8), 1.0, 0, wp, torch.ones(16),
+        torch.ops.onednn.qlinear_pointwise(torch.zeros(2, 32, dtype=torch.uint8), 1.0, 128, wp, torch.ones(16),
                                            torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32,
                                            "none", [], "")
         return True
@@ -171,14 +191,15 @@ class _Prepared:
 
 
 def _int_gemm(qx: Tensor, prep: _Prepared, backend: str) -> Tensor:
-    """Exact qx @ w8^T for "int_mm" (int32 [M, N]) or "onednn" (float32 holding the same integers
-    rounded to float32: oneDNN converts its int32 accumulator with scales 1.0, exactly
-    ``acc.float()``); qx int8. (The "gemv" backend runs inside the native small-M calls.)"""
+    """Exact qx @ w8^T for "int_mm" (qx int8; int32 [M, N]) or "onednn" (qx uint8 q + 128 with zero
+    point 128: oneDNN's u8 x s8 kernels, its s8 x s8 path is a reference loop 1000x slower; float32
+    holding the same integers rounded to float32, as oneDNN converts its int32 accumulator with scales
+    1.0: exactly ``acc.float()``). (The "gemv" backend runs inside the native small-M calls.)"""
     if backend == "onednn":
         wp, ones, zeros = prep.onednn
-        return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, wp, ones, zeros, None, 1.0, 0, torch.float32,
+        return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, wp, ones, zeros, None, 1.0, 0, torch.float32,
                                                   "none", [], "")
-    return torch._int_mm(qx, prep.w8.t())
+    return torch._int_mm(qx, prep.w8.t(), out=_scratch("acc", (qx.shape[0], prep.w8.shape[0]), torch.int32))
 
 
 def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None = None,
@@ -209,9 +230,11 @@ def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | 
         nat.qc_w8a8_small(x2.data_ptr(), code, m, k, x2.stride(0), qweight.data_ptr(), qweight.stride(0),
                           prep.colsum.data_ptr(), prep.sw.data_ptr(), _ptr(prep.bias), static, out.data_ptr(), n, nt)
         return out.reshape(*lead, n)
-    qx = torch.empty(m, k, dtype=torch.int8)
+    u8 = backend == "onednn"
+    qx = _scratch("qx", (m, k), torch.uint8 if u8 else torch.int8)
     sx = torch.empty(m, dtype=torch.float32)
-    nat.qc_quant_sym(x2.data_ptr(), code, m, k, x2.stride(0), qx.data_ptr(), k, sx.data_ptr(), static, 0, nt)
+    nat.qc_quant_sym(x2.data_ptr(), code, m, k, x2.stride(0), qx.data_ptr(), k, sx.data_ptr(), static,
+                     128 if u8 else 0, nt)
     acc = _int_gemm(qx, prep, backend)
     nat.qc_epilogue_w8a8(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), sx.data_ptr(),
                          prep.sw.data_ptr(), _ptr(prep.bias), out.data_ptr(), code, n, m, n, nt)
@@ -259,11 +282,12 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
                           prep.colsum.data_ptr(), prep.sw.data_ptr(), rs.data_ptr(), a_bits, _ptr(outl),
                           outl.stride(0) if outl is not None else 0, _ptr(prep.bias), out.data_ptr(), n, nt)
         return out.reshape(*lead, n)
-    qx = torch.empty(m, kq, dtype=torch.int8)
+    u8 = backend == "onednn"
+    qx = _scratch("qx", (m, kq), torch.uint8 if u8 else torch.int8)
     st = torch.empty(m, dtype=torch.float32)
     mt = torch.empty(m, dtype=torch.float32)
     nat.qc_quant_asym(xq.data_ptr(), code, m, kq, xq.stride(0), qx.data_ptr(), kq, st.data_ptr(), mt.data_ptr(),
-                      a_bits, 0, nt)
+                      a_bits, 128 if u8 else 0, nt)
     acc = _int_gemm(qx, prep, backend)
     nat.qc_epilogue_quik(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), st.data_ptr(), mt.data_ptr(),
                          prep.sw.data_ptr(), rs.data_ptr(), 2.0 ** (a_bits - 1), _ptr(outl),
@@ -285,7 +309,7 @@ def _dequantized(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
     # the reference's float32 weight is a [:, :K] view of [N, G * group] when the groups overrun K,
     # and .to(float32) keeps that view: keep its strides too, so F.linear sees the same operand
     width = groups * group_size if groups > 1 and dtype == torch.float32 else k
-    w = torch.empty(n, width, dtype=dtype)
+    w = _scratch("dequantized", (n, width), dtype)
     nat.qc_dequant(qweight.data_ptr(), qkind, qweight.stride(0), n, k, s.data_ptr(), _ptr(z), groups,
                    group_size if groups > 1 else 0, w.data_ptr(), width, _FLOAT_CODES[dtype], torch.get_num_threads())
     return w[:, :k]

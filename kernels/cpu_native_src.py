@@ -197,21 +197,32 @@ void qc_quant_asym(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, voi
  * 128 * colsum[n] (colsum[n] = sum_k b[n, k], prepared once) is subtracted.
  * Exact while 255 * 128 * K < 2^31 (K < 65793; the caller checks). */
 #ifdef QC_VNNI
-/* MB rows of A (a compile-time constant after inlining) against 4 rows of B */
+/* MB rows of A against NB rows of B (both compile-time constants after inlining; MB * NB <= 16
+ * accumulators), K in steps of 64 bytes with a masked tail */
 static inline __attribute__((always_inline)) void gemv_tile(
-        const int MB, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, const int32_t* colsum,
-        int32_t* out, int64_t ldo, int64_t m0, int64_t n0, int nn, int64_t K) {
-    __m512i acc[4][4];
-    for (int i = 0; i < MB; ++i) for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 64) {
-        int64_t rem = K - k;
-        __mmask64 km = rem >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << rem) - 1);
-        __m512i bv[4], av[4];
-        for (int j = 0; j < 4; ++j)
-            bv[j] = j < nn ? _mm512_maskz_loadu_epi8(km, B + (n0 + j) * ldb + k) : _mm512_setzero_si512();
+        const int MB, const int NB, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+        const int32_t* colsum, int32_t* out, int64_t ldo, int64_t m0, int64_t n0, int nn, int64_t K) {
+    __m512i acc[4][8];
+    const int8_t* brow[8];
+    for (int j = 0; j < NB; ++j) brow[j] = B + (n0 + (j < nn ? j : 0)) * ldb;  /* tail rows re-read row 0 */
+    for (int i = 0; i < MB; ++i) for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512i av[4];
+        for (int i = 0; i < MB; ++i) av[i] = _mm512_loadu_si512((const void*)(A + (m0 + i) * lda + k));
+        for (int j = 0; j < NB; ++j) {
+            __m512i bv = _mm512_loadu_si512((const void*)(brow[j] + k));
+            for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], bv);
+        }
+    }
+    if (k < K) {
+        __mmask64 km = (((__mmask64)1 << (K - k)) - 1);
+        __m512i av[4];
         for (int i = 0; i < MB; ++i) av[i] = _mm512_maskz_loadu_epi8(km, A + (m0 + i) * lda + k);
-        for (int i = 0; i < MB; ++i)
-            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], bv[j]);
+        for (int j = 0; j < NB; ++j) {
+            __m512i bv = _mm512_maskz_loadu_epi8(km, brow[j] + k);
+            for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], bv);
+        }
     }
     for (int i = 0; i < MB; ++i)
         for (int j = 0; j < nn; ++j)
@@ -222,16 +233,22 @@ static inline __attribute__((always_inline)) void gemv_tile(
 void qc_gemv_u8s8(const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, const int32_t* colsum,
                   int32_t* out, int64_t ldo, int64_t M, int64_t N, int64_t K, int nthreads) {
 #ifdef QC_VNNI
-    int64_t nblocks = (N + 3) / 4;
+    const int NB = M <= 2 ? 8 : 4;
+    int64_t nblocks = (N + NB - 1) / NB;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
-        int64_t n0 = bi * 4;
-        int nn = (int)(N - n0 < 4 ? N - n0 : 4);
+        int64_t n0 = bi * NB;
+        int nn = (int)(N - n0 < NB ? N - n0 : NB);
         int64_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) gemv_tile(4, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
-        if (M - m0 == 3) gemv_tile(3, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
-        else if (M - m0 == 2) gemv_tile(2, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
-        else if (M - m0 == 1) gemv_tile(1, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+        if (NB == 8) {
+            for (; m0 + 2 <= M; m0 += 2) gemv_tile(2, 8, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+            if (m0 < M) gemv_tile(1, 8, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+        } else {
+            for (; m0 + 4 <= M; m0 += 4) gemv_tile(4, 4, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+            if (M - m0 == 3) gemv_tile(3, 4, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+            else if (M - m0 == 2) gemv_tile(2, 4, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+            else if (M - m0 == 1) gemv_tile(1, 4, A, lda, B, ldb, colsum, out, ldo, m0, n0, nn, K);
+        }
     }
 #else
     #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -9,6 +9,8 @@ with the same stored tensors, inside the HF model), and
   rounding), float32 otherwise. The lowered ops keep their stored tensors exactly as saved (scales,
   row sums, outlier columns are not cast) and take the bf16 activations: their quantization reads
   them exactly, and they write bf16;
+- everything runs under ``torch.inference_mode`` (no autograd dispatch: the lowered ops' custom-op
+  autograd layer is skipped, which matters per decode step);
 - decoding runs a static KV cache with the one-token decode step compiled by ``torch.compile``
   (inductor; each lowered op stays one opaque call into the CPU kernels, see docs/kernels.md).
   Compiling costs tens of seconds once per process, so ``compile_decode="auto"`` compiles only for
@@ -95,14 +97,14 @@ class FastModel:
         self._compiled = None
 
     # ---- forward
-    @torch.no_grad()
+    @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of a full forward (prefill / evaluation), in the model's float dtype."""
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def __call__(self, input_ids: torch.Tensor, **kwargs: Any):
         """Forward as the HF model (``evaluate.perplexity`` calls models this way)."""
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.model(input_ids=input_ids, use_cache=False, **kwargs)
 
     def eval(self) -> "FastModel":
@@ -126,7 +128,7 @@ class FastModel:
             self._compiled = torch.compile(step, backend="inductor", dynamic=False)
         return self._compiled
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = None,
                  min_new_tokens: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,479 @@
+"""CPU speed: the lowered ops (quantize + integer GEMM + epilogue) and whole models against
+``F.linear`` / the HF model in bf16 and fp32, same inputs, same run.
+
+    python bench/cpu.py                      # layers + end to end; rewrites its section of bench/RESULTS.md
+    python bench/cpu.py --layers --no-write  # layer-wise table only
+    python bench/cpu.py --candidates         # the kernels the CPU dispatch chooses between, per shape
+    python bench/cpu.py --e2e --models smollm2 --recipes rtn-w8a8
+
+Layer-wise: K x N in 576x1536, 1536x576 (SmolLM2), 4096x4096, 4096x11008, 11008x4096 (LLaMA-7B),
+M in 1, 16, 128, 2048. Each op is the registered ``torch.ops.qcompile`` op on bf16 activations
+(output bf16), its weights lowered once before timing. Times are medians of interleaved rounds
+(every variant once per round, in turn, so load changes hit all alike); ratios are bf16 time /
+op time from the same rounds.
+
+End to end: SmolLM2-135M (``qcompile.models.load("smollm2-135m")``) and a random LLaMA-7B-shaped
+model of a few layers: prefill tokens/s at 2048 tokens (one forward) and greedy decode tokens/s
+with the KV cache (``qcompile.fast_generate``), each recipe against the HF model in bf16 and fp32.
+Speed does not depend on the weights' values, so recipes that calibrate (GPTQ) are replaced by
+their round-to-nearest twin with the same lowering (named ``~`` in the table).
+
+It rewrites only the lines between its marker comments in bench/RESULTS.md (section "CPU speed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "RESULTS.md"
+BEGIN = "<!-- bench/cpu.py results: begin (rewritten by each run; edit outside the markers) -->"
+END = "<!-- bench/cpu.py results: end -->"
+SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]  # K x N
+MS = [1, 16, 128, 2048]
+N_OUTLIERS = 32
+
+
+# ------------------------------------------------------------------------------------- timing
+
+def interleaved(fns: dict[str, Callable[[], object]], budget_s: float = 2.0, min_rounds: int = 3,
+                max_rounds: int = 25) -> dict[str, float]:
+    """Median seconds per call of each fn, measured in interleaved rounds (each fn once per
+    round, in turn); a call shorter than 2 ms is repeated within its slot and averaged."""
+    reps = {}
+    for name, fn in fns.items():  # warm up (layouts, caches) and size the repeats
+        fn()
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        reps[name] = max(1, min(200, int(2e-3 / max(dt, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            times[name].append((time.perf_counter() - t) / reps[name])
+        rounds += 1
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------- layers
+
+def lowered_layer(k: int, n: int, seed: int = 0) -> dict[str, dict]:
+    """One random linear lowered by each scheme's own ``quantize`` (the tensors lowering stores)."""
+    import qcompile  # noqa: F401  (registers the ops)
+    from qcompile.formats import OutlierHybrid, PerGroup, PerRow, W8A8, WeightInput, WeightOnly
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    out = {"w": w}
+    out["w8a8"] = W8A8().quantize(WeightInput(w)).tensors
+    out["w4a16"] = WeightOnly(4, PerRow(), True).quantize(WeightInput(w)).tensors
+    if k % 128 == 0:
+        out["w4a16-g128"] = WeightOnly(4, PerGroup(128), True).quantize(WeightInput(w)).tensors
+    idx = torch.arange(k - N_OUTLIERS, k)
+    out["w4a4"] = OutlierHybrid(4).quantize(WeightInput(w, outlier_idx=idx)).tensors
+    return out
+
+
+def layer_ops(k: int, n: int, x: torch.Tensor, lay: dict) -> dict[str, Callable[[], object]]:
+    ops = torch.ops.qcompile
+    t8, t4, t44 = lay["w8a8"], lay["w4a16"], lay["w4a4"]
+    fns = {
+        "w8a8": lambda: ops.w8a8_linear(x, t8["qweight"], t8["w_scale"], None, None),
+        "w4a16": lambda: ops.weight_only_linear(x, t4["qweight"], t4["scale"], None, None, 4, 0, k),
+        "w4a4+32": lambda: ops.w4a4_outlier_linear(x, t44["qweight"], t44["w_scale"], t44["row_sum"],
+                                                   t44["outlier_weight"], None, None, None, 4),
+    }
+    if "w4a16-g128" in lay:
+        tg = lay["w4a16-g128"]
+        fns["w4a16-g128"] = lambda: ops.weight_only_linear(x, tg["qweight"], tg["scale"], None, None, 4, 128, k)
+    return fns
+
+
+def bench_layers(ms: list[int], shapes: list[tuple[int, int]], budget: float, check: bool = True) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        lay = lowered_layer(k, n)
+        w32 = lay["w"]
+        wb = w32.bfloat16()
+        for m in ms:
+            x32 = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            xb = x32.bfloat16()
+            fns = {"fp32": lambda: F.linear(x32, w32), "bf16": lambda: F.linear(xb, wb)}
+            ops = layer_ops(k, n, xb, lay)
+            if check:
+                ref = F.linear(xb.float(), w32)
+                for name, fn in ops.items():
+                    err = ((fn().float() - ref).norm() / ref.norm()).item()
+                    assert err < 0.4, f"{name} {m}x{k}x{n}: relative error {err:.3f} against the float linear"
+            fns.update(ops)
+            t = interleaved(fns, budget)
+            row = {"M": m, "K": k, "N": n, **{f"{name} ms": v * 1e3 for name, v in t.items()}}
+            for name in ops:
+                row[f"{name} x bf16"] = t["bf16"] / t[name]
+            row["fp32 x bf16"] = t["bf16"] / t["fp32"]
+            rows.append(row)
+            print(fmt_layer_row(row), flush=True)
+            del fns, ops
+            gc.collect()
+    return rows
+
+
+def fmt_layer_row(r: dict) -> str:
+    names = [c[:-3] for c in r if c.endswith(" ms")]
+    cells = " ".join(f"{nm}={r[nm + ' ms']:.3f}" for nm in names)
+    ratios = " ".join(f"{c[:-7]}:{r[c]:.2f}x" for c in r if c.endswith(" x bf16"))
+    return f"M={r['M']:5d} K={r['K']:5d} N={r['N']:5d}  {cells}  | vs bf16 {ratios}"
+
+
+def layer_table(rows: list[dict]) -> str:
+    names = ["w8a8", "w4a16", "w4a16-g128", "w4a4+32"]
+    head = "| M | K x N | fp32 ms | bf16 ms | " + " | ".join(f"{n} ms (x bf16)" for n in names) + " |"
+    lines = [head, "|" + "---|" * (4 + len(names))]
+    for r in rows:
+        cells = []
+        for nm in names:
+            cells.append(f"{r[nm + ' ms']:.3f} (**{r[nm + ' x bf16']:.2f}x**)" if nm + " ms" in r else "-")
+        lines.append(f"| {r['M']} | {r['K']}x{r['N']} | {r['fp32 ms']:.3f} | {r['bf16 ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- candidates
+
+def bench_candidates(ms: list[int], shapes: list[tuple[int, int]], budget: float) -> list[str]:
+    """The kernels the CPU dispatch picks between, alone (no quantization, no epilogue)."""
+    from qcompile.formats.cpu_layout import int4pack_layout, int8_colsum
+    from qcompile.kernels import cpu_linear, cpu_native
+
+    nat = cpu_native.lib()
+    lines = []
+    for k, n in shapes:
+        lay = lowered_layer(k, n)
+        wb = lay["w"].bfloat16()
+        qw = lay["w8a8"]["qweight"]
+        colsum = int8_colsum(qw)
+        qwt = qw.t().contiguous()
+        t4 = lay["w4a16"]
+        packed = int4pack_layout(t4["qweight"], t4["scale"], None, 4, 0, k, torch.bfloat16)
+        sc8 = lay["w8a8"]["w_scale"].bfloat16()
+        for m in ms:
+            xb = torch.randn(m, k).bfloat16()
+            qa = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+            qa_u = (qa.to(torch.int16) + 128).to(torch.uint8)
+            acc = torch.empty(m, n, dtype=torch.int32)
+            fns = {
+                "bf16 F.linear": lambda: F.linear(xb, wb),
+                "_int_mm(t view)": lambda: torch._int_mm(qa, qw.t()),
+                "_int_mm([K,N])": lambda: torch._int_mm(qa, qwt),
+                "int8pack_mm": lambda: torch._weight_int8pack_mm(xb, qw, sc8),
+                "dequant4 alone": lambda: cpu_linear._dequantized(t4["qweight"], t4["scale"], None, 4, 0, k,
+                                                                      torch.bfloat16, nat) if nat else None,
+            }
+            if nat is not None and cpu_native.has_vnni():
+                fns["vnni gemv"] = lambda: nat.qc_gemv_u8s8(qa_u.data_ptr(), k, qw.data_ptr(), k, colsum.data_ptr(),
+                                                            acc.data_ptr(), n, m, n, k, torch.get_num_threads())
+            if packed is not None:
+                fns["int4pack_mm"] = lambda: torch._weight_int4pack_mm_for_cpu(xb, packed[0], packed[2], packed[1])
+            try:
+                wp = torch.ops.onednn.qlinear_prepack(qw, [m, k])
+                one = torch.ones(n)
+                zero = torch.zeros(n, dtype=torch.long)
+                fns["onednn qlinear u8"] = lambda: torch.ops.onednn.qlinear_pointwise(
+                    qa_u, 1.0, 128, wp, one, zero, None, 1.0, 0, torch.float32, "none", [], "")
+            except (RuntimeError, AttributeError) as err:
+                print(f"onednn qlinear unavailable: {str(err)[:120]}")
+            t = interleaved(fns, budget)
+            line = f"M={m:5d} K={k:5d} N={n:5d}  " + "  ".join(
+                f"{nm}={v * 1e3:.3f}ms({t['bf16 F.linear'] / v:.2f}x)" for nm, v in t.items())
+            print(line, flush=True)
+            lines.append(line)
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ torchao
+
+TORCHAO_VERSION = "0.18.0"
+_TORCHAO_SCRIPT = r"""
+import importlib.util, json, sys, warnings
+warnings.filterwarnings("ignore")
+import torch, torch.nn.functional as F
+spec = importlib.util.spec_from_file_location("bench_cpu", sys.argv[1])
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+import torchao
+from torchao.quantization import quantize_, Int8DynamicActivationInt8WeightConfig
+from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+ms = json.loads(sys.argv[2]); shapes = json.loads(sys.argv[3]); budget = float(sys.argv[4])
+rows = []
+for k, n in shapes:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / k ** 0.5
+    lin = {}
+    for name, cfg in (("torchao int8-dyn", Int8DynamicActivationInt8WeightConfig()),
+                      ("torchao int4 g128", PrototypeInt4WeightOnlyConfig(group_size=128))):
+        if "int4" in name and k % 128:
+            continue
+        m_ = torch.nn.Linear(k, n, bias=False).bfloat16()
+        m_.weight.data.copy_(w)
+        quantize_(m_, cfg)
+        lin[name] = m_
+    wb = w.bfloat16()
+    for m in ms:
+        xb = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+        fns = {"bf16": lambda: F.linear(xb, wb)}
+        for name, mod in lin.items():
+            fns[name] = lambda mod=mod: mod(xb)
+        with torch.inference_mode():
+            t = bench.interleaved(fns, budget)
+        rows.append({"M": m, "K": k, "N": n, "torchao": torchao.__version__,
+                     **{f"{nm} x bf16": t["bf16"] / v for nm, v in t.items() if nm != "bf16"},
+                     **{f"{nm} ms": v * 1e3 for nm, v in t.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+print("RESULT " + json.dumps(rows))
+"""
+
+
+def torchao_python() -> tuple[str | None, str]:
+    """A venv with torchao (``TORCHAO_VERSION``, a 3 MB wheel, installed ``--no-deps``) that reuses
+    this environment's torch through a .pth file: no second torch download. (python, note)."""
+    import venv
+    base = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile")) / f"torchao-{TORCHAO_VERSION}-venv"
+    py = base / "bin" / "python"
+    if not py.exists():
+        venv.EnvBuilder(with_pip=True).create(base)
+        site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        here = [p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir()]
+        if not here:
+            return None, "torch's site-packages not found"
+        Path(site, "qcompile_main_env.pth").write_text(here[0] + "\n")
+        res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", f"torchao=={TORCHAO_VERSION}"],
+                             capture_output=True, text=True)
+        if res.returncode:
+            return None, f"pip install torchao failed: {res.stderr[-300:]}"
+    return str(py), f"torchao {TORCHAO_VERSION} in {base} (its own venv; this environment's torch via a .pth file)"
+
+
+def bench_torchao(ms: list[int], shapes: list[tuple[int, int]], budget: float) -> tuple[list[dict], str]:
+    import json
+    py, note = torchao_python()
+    if py is None:
+        return [], f"torchao skipped: {note}"
+    res = subprocess.run([py, "-c", _TORCHAO_SCRIPT, str(Path(__file__).resolve()), json.dumps(ms),
+                          json.dumps([list(s) for s in shapes]), str(budget)], capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode or not lines:
+        return [], f"torchao run failed: {res.stderr[-500:]}"
+    return json.loads(lines[-1][7:]), note
+
+
+def torchao_table(rows: list[dict]) -> str:
+    names = ["torchao int8-dyn", "torchao int4 g128"]
+    lines = ["| M | K x N | bf16 ms | " + " | ".join(f"{n} ms (x bf16)" for n in names) + " |",
+             "|" + "---|" * (3 + len(names))]
+    for r in rows:
+        cells = [f"{r[n + ' ms']:.3f} (**{r[n + ' x bf16']:.2f}x**)" if n + " ms" in r else "-" for n in names]
+        lines.append(f"| {r['M']} | {r['K']}x{r['N']} | {r['bf16 ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+E2E_RECIPES = {  # name in the table -> passes (speed twins of the built-in recipes, no calibration search)
+    "rtn-w8a8": "rtn-w8a8",
+    "rtn-w4a16": "rtn-w4a16",
+    "rtn-w4a16-g128": "rtn-w4a16-g128",
+    "~quik-w4a4 (RTN)": [{"pass": "activation_stats"}, {"pass": "select_outliers", "k": 32},
+                         {"pass": "reorder_outliers"},
+                         {"pass": "quantize_linears", "w_bits": 4, "a_bits": 4, "outliers": True,
+                          "overrides": {"re:.*down_proj": {"w_bits": 8, "a_bits": 8}}}],
+}
+
+
+def llama7b_shaped(layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def e2e_models(which: list[str], layers: int):
+    for name in which:
+        if name == "smollm2":
+            import qcompile
+            model, _ = qcompile.models.load("smollm2-135m")
+            yield "SmolLM2-135M", model.eval()
+        elif name == "llama7b":
+            yield f"LLaMA-7B-shaped, {layers} layers", llama7b_shaped(layers)
+
+
+def _quantized(model, recipe, vocab: int):
+    import qcompile
+    from qcompile.eager import apply_to_eager
+    from qcompile.recipes import get as get_recipe
+
+    passes = get_recipe(recipe).passes() if isinstance(recipe, str) else recipe
+    calib = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
+    gm = qcompile.compile(model, passes=passes, calibration=calib, example_inputs=None, verify=False)
+    return apply_to_eager(gm, model)
+
+
+def bench_e2e(which: list[str], recipes: list[str], layers: int, prefill_len: int, decode_tokens: int,
+              compile_decode: bool) -> list[dict]:
+    from qcompile import fast_generate as fg
+
+    rows = []
+    for label, model in e2e_models(which, layers):
+        vocab = model.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, prefill_len), generator=torch.Generator().manual_seed(1))
+        short = prompt[:, :16]
+        hf = lambda: copy.deepcopy(model)  # noqa: E731
+        variants: list[tuple[str, Callable[[], object], torch.dtype, bool]] = [
+            ("HF fp32", hf, torch.float32, False), ("HF bf16", hf, torch.bfloat16, False)]
+        if compile_decode:
+            variants.append(("HF bf16, compiled decode", hf, torch.bfloat16, True))
+        for r in recipes:
+            variants.append((r, lambda r=r: _quantized(model, E2E_RECIPES[r], vocab), torch.bfloat16, compile_decode))
+        base = {}
+        for name, make, dtype, compiled in variants:
+            m = make()  # one variant alive at a time, each from the float32 model
+            runner = fg.FastModel(m, dtype=dtype, compile_decode=compiled)
+            prefill = fg.time_prefill(runner, prompt)
+            decode = fg.time_decode(runner, short, decode_tokens)
+            row = {"model": label, "variant": name, "dtype": str(dtype).replace("torch.", ""),
+                   "decode": "static cache, compiled step" if compiled else "dynamic cache, eager",
+                   "prefill tok/s": prefill_len / prefill, "decode tok/s": decode}
+            if name == "HF bf16":
+                base = row
+            if base:
+                row["prefill x bf16"] = row["prefill tok/s"] / base["prefill tok/s"]
+                row["decode x bf16"] = row["decode tok/s"] / base["decode tok/s"]
+            rows.append(row)
+            print(row, flush=True)
+            del runner, m
+            gc.collect()
+        del variants, model
+        gc.collect()
+    return rows
+
+
+def e2e_table(rows: list[dict]) -> str:
+    lines = ["| model | variant | decode loop | prefill tok/s (2048) | x bf16 HF | greedy decode tok/s | x bf16 HF |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} ({r['dtype']}) | {r['decode']} | {r['prefill tok/s']:.0f} | "
+                     f"{r.get('prefill x bf16', float('nan')):.2f} | {r['decode tok/s']:.1f} | "
+                     f"{r.get('decode x bf16', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- report
+
+def machine() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = info.get("Flags", "").split()
+    keep = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "f16c")]
+    load = os.getloadavg()
+    return (f"CPU: {info.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, torch threads "
+            f"{torch.get_num_threads()}, torch {torch.__version__}; flags: {' '.join(keep)}; "
+            f"AMX: {'yes' if any(f.startswith('amx') for f in flags) else 'no'}; load average at start "
+            f"{load[0]:.2f}")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def write_results(body: str, path: Path = RESULTS) -> None:
+    text = path.read_text() if path.exists() else ""
+    section = f"{BEGIN}\n{body.strip()}\n{END}"
+    nb, ne = text.count(BEGIN), text.count(END)
+    if nb == ne == 0:
+        new = text + ("" if text.endswith("\n") else "\n") + "\n## CPU speed\n\n" + section + "\n"
+    elif nb == 1 and ne == 1 and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        new = head + section + rest.split(END, 1)[1]
+    else:
+        raise ValueError("bench/RESULTS.md: the bench/cpu.py markers are damaged; fix them by hand")
+    tmp = path.with_name(f".{path.name}.cpu.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", action="store_true", help="layer-wise table")
+    ap.add_argument("--e2e", action="store_true", help="end-to-end table")
+    ap.add_argument("--candidates", action="store_true", help="the dispatch's candidate kernels alone")
+    ap.add_argument("--torchao", action="store_true", help="torchao's CPU int8-dynamic and int4 weight-only "
+                    "linears on the same shapes (installs torchao into its own venv, reusing this torch)")
+    ap.add_argument("--m", type=int, nargs="+", default=MS)
+    ap.add_argument("--kn", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of interleaved rounds per row")
+    ap.add_argument("--models", nargs="+", default=["smollm2", "llama7b"], choices=["smollm2", "llama7b"])
+    ap.add_argument("--recipes", nargs="+", default=list(E2E_RECIPES), choices=list(E2E_RECIPES))
+    ap.add_argument("--llama-layers", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    if not (args.layers or args.e2e or args.candidates or args.torchao):
+        args.layers = args.e2e = args.torchao = True
+    import qcompile  # noqa: F401
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.kn]
+    header = machine()
+    print(header, flush=True)
+    parts = []
+    if args.candidates:
+        lines = bench_candidates(args.m, shapes, args.budget)
+        parts.append("Candidate kernels alone (ms, x bf16 F.linear):\n\n```\n" + "\n".join(lines) + "\n```")
+    if args.layers:
+        rows = bench_layers(args.m, shapes, args.budget)
+        parts.append("Layer-wise, bf16 activations in and out, quantization and epilogue included "
+                     "(ratio = bf16 F.linear time / op time, same run):\n\n" + layer_table(rows))
+    if args.torchao:
+        rows, note = bench_torchao(args.m, shapes, args.budget)
+        parts.append(f"Peer, same shapes ({note}; ratio = bf16 F.linear / torchao linear, same process, "
+                     "run right after the table above):\n\n" + (torchao_table(rows) if rows else "(no rows)"))
+    if args.e2e:
+        rows = bench_e2e(args.models, args.recipes, args.llama_layers, args.prefill, args.decode_tokens,
+                         not args.no_compile)
+        parts.append("End to end (prefill: one forward of 2048 tokens; decode: greedy, KV cache, tokens/s "
+                     "after a 16-token prompt):\n\n" + e2e_table(rows))
+    cmd = "python bench/cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = (f"{header}\n\nDate 2026-11-30 ({datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC), commit "
+            f"{git_commit()}, command `{cmd.strip()}`.\n\n" + "\n\n".join(parts))
+    print("\n" + body)
+    if not args.no_write and (args.layers or args.e2e or args.torchao):
+        write_results(body)
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
