@@ -156,14 +156,13 @@ def _aten_allowed(name: str, overload: str) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _resolve_op(qualified: str) -> Any:
     """``"ns::name.overload"`` -> the OpOverload, if the policy allows it; else SerializationError."""
-    m = re.fullmatch(r"(aten|qcompile)::([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)", qualified)
-    if m is None:
-        raise SerializationError(f"calls {qualified!r}: only aten and qcompile ops may be called")
+    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)::([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)", qualified)
+    if m is None or (m.group(1) != "aten" and qualified not in lowered_op_names()):
+        raise SerializationError(f"calls {qualified!r}: only aten ops and the ops of registered lowered "
+                                 "schemes (qcompile.formats.lowered_op_names()) may be called")
     ns, name, overload = m.groups()
-    if ns == "qcompile":
-        if qualified not in lowered_op_names():
-            raise SerializationError(f"calls {qualified}, which is not a lowered qcompile op")
-        import qcompile.kernels.ops  # noqa: F401 - registers the lowered ops
+    if ns != "aten":
+        import qcompile.kernels.ops  # noqa: F401 - registers the built-in lowered ops
     elif not _aten_allowed(name, overload):
         raise SerializationError(f"calls {qualified}, which a saved graph may not call (it reads files, "
                                  "prints, changes global state or skips ATen's argument checks, or is "
