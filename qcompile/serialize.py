@@ -614,6 +614,8 @@ def round_floats(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
 
 
 def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "to_json"):  # typed analysis results say how they are saved
+        obj = obj.to_json()
     try:
         return json.loads(json.dumps(obj, default=str))
     except (TypeError, ValueError):
