@@ -58,8 +58,8 @@ class W8A8(LoweredScheme):
         if spec.outliers or spec.weight_only:
             return None
         if spec.a_bits != 8 or spec.w_bits != 8:
-            raise ValueError(f"w_bits must be 8 with a_bits=8: activation quantization supports W8A8 "
-                             f"here (got W{spec.w_bits}A{spec.a_bits}); use a_bits=None for weight-only W3/W4/W8")
+            raise ValueError(f"w_bits must be 3, 4 or 8 with a_bits=None (weight-only), or 8 with "
+                             f"a_bits=8 (W8A8): got W{spec.w_bits}A{spec.a_bits}")
         if not isinstance(spec.w_granularity, PerRow) or not spec.w_symmetric:
             raise ValueError("W8A8 uses symmetric per-row weights (w_granularity=PerRow(), w_symmetric=True)")
         return cls(spec.a_granularity)
