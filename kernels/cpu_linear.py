@@ -4,8 +4,9 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
 
 - ``w8a8_linear_cpu``: per-token (or static) int8 quantization of x (native, vectorized), then
   the int8 x int8 -> int32 GEMM -- for M <= ``GEMV_MAX_M`` the native AVX-512 VNNI GEMV over
-  the stored int8 [N, K] weight, above it ``torch._int_mm`` (oneDNN) -- then the native epilogue
-  ``(acc * s_x[m]) * s_w[n] + bias[n]``. The int32 accumulator is exact and every float step
+  the stored int8 [N, K] weight (quantize, GEMV and epilogue in one C call), above it oneDNN's
+  quantized linear on a prepacked weight (``torch._int_mm`` where that is missing) -- then the
+  native epilogue ``(acc * s_x[m]) * s_w[n] + bias[n]``. The int32 accumulator is exact and every float step
   repeats the reference's, so the result equals ``w8a8_linear_reference`` bit for bit.
 - ``w4a4_outlier_linear_cpu`` (QUIK): the reference's column split, native asymmetric per-token
   quantization of the Kq columns, the same integer GEMMs over the int4 weight unpacked once to
@@ -13,7 +14,7 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
   in the reference's order: equal to ``w4a4_outlier_linear_reference`` bit for bit (the outlier
   GEMM is the same BLAS call on the same operands).
 - ``weight_only_linear_cpu``: for M <= ``INT4PACK_MAX_M`` packed 4/3-bit weights run
-  ``torch._weight_int4pack_mm_for_cpu`` and symmetric per-row int8 weights
+  ``torch._weight_int4pack_mm_for_cpu``, for M <= ``INT8PACK_MAX_M`` symmetric per-row int8 weights
   ``torch._weight_int8pack_mm`` (equal to the reference to float rounding: the kernels fold the
   scales in their own order); otherwise the weight is dequantized natively (the reference's float32
   arithmetic, one pass) and ``F.linear`` runs on it: equal to ``weight_only_linear_reference``
@@ -51,10 +52,10 @@ __all__ = ["w8a8_linear_cpu", "weight_only_linear_cpu", "w4a4_outlier_linear_cpu
 log = logging.getLogger("qcompile.kernels.cpu")
 
 # Dispatch thresholds (rows M = tokens of the call); measured on AVX-512 VNNI without AMX, see
-# docs/kernels.md "CPU dispatch" and bench/RESULTS.md "CPU speed".
+# docs/kernels.md "On the CPU" and bench/RESULTS.md "CPU speed".
 GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above
-INT4PACK_MAX_M = 16     # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
-INT8PACK_MAX_M = 16     # weight-only 8-bit: _weight_int8pack_mm up to here, dequantize + F.linear above
+INT4PACK_MAX_M = 8      # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
+INT8PACK_MAX_M = 4      # weight-only 8-bit: _weight_int8pack_mm up to here, dequantize + F.linear above
 _VNNI_MAX_K = 65792     # 255 * 128 * K < 2^31: the GEMV's int32 sums stay exact
 
 _FLOAT_CODES = cpu_native.DTYPE_CODE

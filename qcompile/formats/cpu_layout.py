@@ -41,15 +41,15 @@ def quik_int8_weight(qweight: torch.Tensor, kq: int) -> torch.Tensor:
 
 
 def int4pack_group(in_features: int, out_features: int, group_size: int) -> int | None:
-    """The group size ``_weight_int4pack_mm_for_cpu`` runs a layer with, or None if it cannot:
-    the scheme's own group (32..256, dividing K), or for per-row scales (group_size 0) the largest
-    of 256..32 dividing K (the row's scale repeated per group). N must be a multiple of 16."""
+    """The group size g ``_weight_int4pack_mm_for_cpu`` runs a layer with, or None if it cannot:
+    the largest of 256, 128, 64, 32 that divides K and the scheme's group size (any g for per-row
+    scales, group_size 0), each scheme group's scale repeated over its g-groups. So groups of 128
+    on K = 576 (the last group 64 wide) run as g = 64. N must be a multiple of 16."""
     if out_features % 16:
         return None
     k = in_features
-    if group_size <= 0 or group_size >= k:
-        return next((g for g in reversed(INT4PACK_GROUPS) if k % g == 0), None)
-    return group_size if group_size in INT4PACK_GROUPS and k % group_size == 0 else None
+    per_row = group_size <= 0 or group_size >= k
+    return next((g for g in reversed(INT4PACK_GROUPS) if k % g == 0 and (per_row or group_size % g == 0)), None)
 
 
 def int4pack_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -76,6 +76,10 @@ def int4pack_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     if s.shape[1] == 1:  # per row: the same scale for every group of the row
         s = s.expand(n, groups)
         zf = zf.expand(n, groups) if asym else None
+    elif s.shape[1] != groups:  # scheme groups of group_size = r * g: each scale repeated r times
+        src = torch.arange(groups) * g // group_size
+        s = s[:, src]
+        zf = zf[:, src] if asym else None
     z = (8.0 - zf) * s if asym else torch.zeros_like(s)
     sz = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
     return packed, sz, g

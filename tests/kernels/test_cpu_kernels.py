@@ -90,7 +90,7 @@ def test_quik_equals_the_reference_bit_for_bit(backend, dtype, a_bits, layout, m
 
 
 WEIGHT_ONLY = [(4, PerRow(), True), (4, PerGroup(32), False), (4, PerGroup(64), True), (3, PerRow(), True),
-               (3, PerGroup(32), False), (8, PerRow(), True), (8, PerGroup(32), False)]
+               (3, PerGroup(32), False), (8, PerRow(), True), (8, PerGroup(32), False), (4, PerGroup(128), False)]
 
 
 @pytest.mark.parametrize("bits,gran,sym", WEIGHT_ONLY, ids=lambda v: str(v))
@@ -105,7 +105,7 @@ def test_weight_only_prefill_path_equals_the_reference_bit_for_bit(bits, gran, s
 
 
 @pytest.mark.parametrize("bits,gran,sym", WEIGHT_ONLY, ids=lambda v: str(v))
-@pytest.mark.parametrize("k,n", [(77, 45), (256, 48), (1536, 64)])
+@pytest.mark.parametrize("k,n", [(77, 45), (256, 48), (576, 64)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("m", [1, 7])
 def test_weight_only_decode_kernels_agree_to_float_rounding(bits, gran, sym, k, n, dtype, tol, m):
@@ -126,7 +126,8 @@ def test_the_int4_layout_serves_per_row_scales_as_repeated_groups():
     assert int4pack_group(11008, 4096, 0) == 256  # 11008 = 43 * 256
     assert int4pack_group(4096, 4096, 128) == 128
     assert int4pack_group(77, 48, 0) is None and int4pack_group(256, 45, 0) is None
-    assert int4pack_group(576, 1536, 128) is None  # 576 is not a multiple of 128
+    assert int4pack_group(576, 1536, 128) == 64  # the last group of 128 is 64 wide: scales repeated
+    assert int4pack_group(1536, 576, 96) == 32 and int4pack_group(96, 32, 48) is None
 
 
 def _w8a8_args(k=96, n=32):
