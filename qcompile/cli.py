@@ -275,6 +275,7 @@ def cmd_export(args) -> None:
         dtype = max(set(stored), key=stored.count) if stored else None
     try:
         path = export(gm, out, format=args.format, tokenizer=tok, overwrite=args.force, dtype=dtype,
+                      tensor_parallel=args.tensor_parallel,
                       max_shard_size=int(args.max_shard_size * 2**20))
     except ExportError as err:
         raise CLIError(str(err)) from err
@@ -367,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float-dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="float tensors (embeddings, norms, scales, biases); auto: the dtype the saved model stores them in")
     p.add_argument("--max-shard-size", type=float, default=5120, help="MiB per safetensors shard")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="vLLM tensor-parallel size the checkpoint must shard into (group sizes checked)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recipes", help="list recipes, or print one as YAML/JSON to edit")

@@ -18,8 +18,8 @@ silently misread):
 
 * schemes the format cannot represent (QUIK's float outlier columns): keep qcompile's format;
 * a group size that does not divide a layer's input width (compressed-tensors needs whole groups;
-  qcompile handles a ragged last group): the error names the layers and the group sizes that
-  divide every quantized layer;
+  qcompile handles a ragged last group), or, with ``tensor_parallel=N``, each of the N vLLM shards
+  of it: the error names the layers and the group sizes that divide every quantized layer;
 * linears that read the same input (q/k/v, gate/up: vLLM fuses them into one shard) with
   different schemes;
 * tensors the graph reads that have no place in the source architecture's checkpoint.
@@ -164,24 +164,28 @@ def _refuse_unrepresentable(nodes: list[LoweredNode]) -> dict[str, dict[str, Any
     return schemes
 
 
-def _refuse_ragged_groups(nodes: list[LoweredNode], widths: dict[str, int]) -> None:
+def _refuse_ragged_groups(nodes: list[LoweredNode], widths: dict[str, int], tensor_parallel: int = 1) -> None:
+    """Every group must be whole, also in each of ``tensor_parallel`` shards of a layer's input
+    (conservatively checked on every layer: vLLM splits the inputs of o_proj/down_proj)."""
+    tp = tensor_parallel
     bad: dict[int, list[str]] = defaultdict(list)
     for ln in nodes:
         g = ln.scheme.w_granularity
-        if isinstance(g, PerGroup) and widths[ln.module] % g.size:
+        if isinstance(g, PerGroup) and widths[ln.module] % (g.size * tp):
             bad[g.size].append(ln.module)
     if not bad:
         return
     common = math.gcd(*widths.values())
-    fits = _divisors(common)
+    fits = [d for d in _divisors(common) if common % (d * tp) == 0]
+    shard = f" / {tp} tensor-parallel shards" if tp > 1 else ""
     lines = []
     for size, mods in sorted(bad.items()):
         cols = sorted({widths[m] for m in mods})
-        lines.append(f"group size {size} does not divide the input width of {len(mods)} layer(s) "
+        lines.append(f"group size {size} does not divide the input width{shard} of {len(mods)} layer(s) "
                      f"({', '.join(map(str, cols))} columns): {_names(mods)}")
     raise ExportError("cannot export to compressed-tensors: it needs whole groups (qcompile's own format "
                       "handles a ragged last group; vLLM and transformers do not).\n  " + "\n  ".join(lines) +
-                      f"\ngroup sizes that divide every quantized layer's input width "
+                      f"\ngroup sizes that divide every quantized layer's input width{shard} "
                       f"({', '.join(map(str, sorted(set(widths.values()))))}): "
                       f"{', '.join(map(str, fits)) or 'none'}, or per channel; recompile with one of "
                       "them (e.g. w_granularity=PerGroup(%d)) or save in qcompile's own format" %
@@ -227,10 +231,13 @@ def _act_order(gm: fx.GraphModule) -> bool:
     return any(isinstance(s, dict) and s.get("pass") == "gptq" and s.get("act_order") for s in steps)
 
 
-def compressed_tensors_plan(gm: fx.GraphModule) -> dict[str, Any]:
+def compressed_tensors_plan(gm: fx.GraphModule, tensor_parallel: int = 1) -> dict[str, Any]:
     """Check that ``gm`` can be exported and return the plan: the HF config (with any bias flags
     set), the ``quantization_config`` (validated by compressed-tensors), per-module schemes and
-    input widths, the checkpoint keys expected. Raises ``ExportError``."""
+    input widths, the checkpoint keys expected. ``tensor_parallel``: the group size must also
+    divide each shard of a layer's input. Raises ``ExportError``."""
+    if tensor_parallel < 1:
+        raise ExportError(f"tensor_parallel must be >= 1, got {tensor_parallel}")
     cls_name, cfg = _source(gm)
     nodes = lowered_nodes(gm)
     missing = [ln.node.name for ln in nodes if not ln.module]
@@ -241,7 +248,7 @@ def compressed_tensors_plan(gm: fx.GraphModule) -> dict[str, Any]:
     for ln in nodes:
         if ln.scheme.input_permutation(ln.tensors(gm)) is not None:
             raise ExportError(f"{ln.module} gathers its input columns; compressed-tensors has no gather")
-    _refuse_ragged_groups(nodes, widths)
+    _refuse_ragged_groups(nodes, widths, tensor_parallel)
     _refuse_split_fusions(nodes, schemes)
 
     config = _hf_config(cfg, cls_name)
@@ -454,13 +461,14 @@ def _float_dtype(gm: fx.GraphModule, dtype: torch.dtype | str | None) -> torch.d
 
 def export(gm: fx.GraphModule, directory: str | os.PathLike, format: str = "compressed-tensors", *,
            tokenizer: Any = None, dtype: torch.dtype | str | None = None,
-           max_shard_size: int = _DEFAULT_SHARD, overwrite: bool = False) -> Path:
+           max_shard_size: int = _DEFAULT_SHARD, overwrite: bool = False, tensor_parallel: int = 1) -> Path:
     """Write ``gm`` (compiled from a transformers causal LM) as a checkpoint directory in
     ``format`` (only ``"compressed-tensors"``): config.json with ``quantization_config``, the
     tokenizer's files when ``tokenizer`` is given, safetensors shards of at most
     ``max_shard_size`` bytes (an index when there is more than one). ``dtype``: the float
     tensors (embeddings, norms, scales, biases), default the graph's own (float32 in memory:
-    qcompile's values exactly). The directory is written crash-safely (complete or absent).
+    qcompile's values exactly). ``tensor_parallel``: refuse group sizes that would not divide
+    each of that many vLLM shards of a layer's input. The directory is written crash-safely.
     Raises ``ExportError`` with what would work when the model cannot be exported."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)} "
@@ -471,7 +479,7 @@ def export(gm: fx.GraphModule, directory: str | os.PathLike, format: str = "comp
     if max_shard_size < 1:
         raise ExportError(f"max_shard_size must be positive, got {max_shard_size}")
     float_dtype = _float_dtype(gm, dtype)
-    plan = compressed_tensors_plan(gm)
+    plan = compressed_tensors_plan(gm, tensor_parallel)
     try:
         tensors = _state_dict(plan, gm, float_dtype)
     except NotRepresentable as err:

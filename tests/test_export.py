@@ -248,6 +248,14 @@ def test_ragged_groups_are_refused_with_the_sizes_that_work(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
+def test_group_size_must_divide_tensor_parallel_shards(tmp_path):
+    gm = _compile([QuantizeLinears(w_bits=4, a_bits=None, w_granularity=PerGroup(32))])  # 64 and 96 wide
+    with pytest.raises(ExportError, match="/ 2 tensor-parallel shards") as err:
+        export(gm, tmp_path / "ct", tensor_parallel=2)
+    assert "sizes that divide" in str(err.value) and "16" in str(err.value).split("sizes that divide")[1]
+    assert export(gm, tmp_path / "ct1", tensor_parallel=1).is_dir()
+
+
 def test_quik_is_refused_pointing_to_qcompiles_format(tmp_path):
     gm = _compile([ActivationStats(), SelectOutliers(k=4), ReorderOutliers(),
                    QuantizeLinears(w_bits=4, a_bits=4, outliers=True)])
