@@ -23,7 +23,9 @@ one from a loaded compiled model. ``time_prefill`` / ``time_decode`` are what be
 
 from __future__ import annotations
 
+import itertools
 import time
+import types
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ __all__ = ["FastModel", "from_saved", "resolve_dtype", "cpu_has_bf16", "cast_flo
 
 BF16_MIN_PARAMS = 10_000_000   # "auto" keeps models smaller than this in float32
 COMPILE_MIN_TOKENS = 256       # "auto" compiles the decode step for generations at least this long
+_STEP_IDS = itertools.count()
 
 
 def cpu_has_bf16() -> bool:
@@ -133,6 +136,11 @@ class FastModel:
                 return model(input_ids=ids, cache=cache, cache_position=pos, position_ids=pos[None],
                              use_cache=True, logits_to_keep=1).logits
 
+            # a code object of its own: dynamo keeps compiled code per code object, so FastModels sharing
+            # one would recompile into one cache (checked in turn on every call, keeping every model
+            # alive, and no longer compiling after torch._dynamo.config.recompile_limit models)
+            code = step.__code__.replace(co_name=f"qcompile_decode_step_{next(_STEP_IDS)}")
+            step = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
             self._compiled = torch.compile(step, backend="inductor", dynamic=False)
         return self._compiled
 
@@ -194,10 +202,11 @@ def from_saved(gm: Any, dtype: str | torch.dtype = "auto", compile_decode: bool 
 
 # ------------------------------------------------------------------------------- timing (bench)
 
-def time_prefill(runner: FastModel, input_ids: torch.Tensor, repeats: int = 3) -> float:
+def time_prefill(runner: FastModel, input_ids: torch.Tensor, repeats: int = 3, warmup: bool = True) -> float:
     """Seconds of a generation prefill over ``input_ids`` (``FastModel.prefill``: KV cache filled,
     last-position logits): the best of ``repeats`` (after a warm-up)."""
-    runner.prefill(input_ids)
+    if warmup:
+        runner.prefill(input_ids)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -206,12 +215,14 @@ def time_prefill(runner: FastModel, input_ids: torch.Tensor, repeats: int = 3) -
     return min(times)
 
 
-def time_decode(runner: FastModel, prompt: torch.Tensor, new_tokens: int, repeats: int = 2) -> float:
+def time_decode(runner: FastModel, prompt: torch.Tensor, new_tokens: int, repeats: int = 2,
+                warmup: bool = True) -> float:
     """Greedy decode tokens/s: (time of ``new_tokens`` tokens - time of 1 token) / (new_tokens - 1),
     so the prompt's prefill is not counted; the best of ``repeats``, after one warm-up run (which
     compiles, if compiling)."""
-    runner.generate(prompt, new_tokens, min_new_tokens=new_tokens)
-    runner.generate(prompt, 1)
+    if warmup:
+        runner.generate(prompt, new_tokens, min_new_tokens=new_tokens)
+        runner.generate(prompt, 1)
     best = []
     for _ in range(repeats):
         t0 = time.perf_counter()

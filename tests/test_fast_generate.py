@@ -74,3 +74,12 @@ def test_sampling_is_repeatable_with_a_seed(lowered_llama):
     outs = [runner.generate(ids, 6, do_sample=True, temperature=0.8, top_p=0.9,
                             generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(outs[0], outs[1]) and outs[0].shape == (1, 10)
+
+
+def test_each_fast_model_compiles_its_own_decode_step(lowered_llama):
+    """Dynamo caches compiled code per code object: shared, every model would recompile into one
+    cache (and stop compiling after the recompile limit)."""
+    model, gm = lowered_llama
+    steps = [fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=True)._step_fn() for _ in range(2)]
+    codes = [getattr(s, "_torchdynamo_orig_callable", s).__code__ for s in steps]
+    assert codes[0] is not codes[1] and codes[0].co_name != codes[1].co_name
