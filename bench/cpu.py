@@ -87,8 +87,7 @@ def lowered_layer(k: int, n: int, seed: int = 0) -> dict[str, dict]:
     out = {"w": w}
     out["w8a8"] = W8A8().quantize(WeightInput(w)).tensors
     out["w4a16"] = WeightOnly(4, PerRow(), True).quantize(WeightInput(w)).tensors
-    if k % 128 == 0:
-        out["w4a16-g128"] = WeightOnly(4, PerGroup(128), True).quantize(WeightInput(w)).tensors
+    out["w4a16-g128"] = WeightOnly(4, PerGroup(128), True).quantize(WeightInput(w)).tensors  # K = 576: last group 64
     idx = torch.arange(k - N_OUTLIERS, k)
     out["w4a4"] = OutlierHybrid(4).quantize(WeightInput(w, outlier_idx=idx)).tensors
     return out
@@ -103,9 +102,8 @@ def layer_ops(k: int, n: int, x: torch.Tensor, lay: dict) -> dict[str, Callable[
         "w4a4+32": lambda: ops.w4a4_outlier_linear(x, t44["qweight"], t44["w_scale"], t44["row_sum"],
                                                    t44["outlier_weight"], None, None, None, 4),
     }
-    if "w4a16-g128" in lay:
-        tg = lay["w4a16-g128"]
-        fns["w4a16-g128"] = lambda: ops.weight_only_linear(x, tg["qweight"], tg["scale"], None, None, 4, 128, k)
+    tg = lay["w4a16-g128"]
+    fns["w4a16-g128"] = lambda: ops.weight_only_linear(x, tg["qweight"], tg["scale"], None, None, 4, 128, k)
     return fns
 
 
@@ -492,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
+    ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                    help="torch threads for the layer-wise and torchao tables (one table each)")
+    ap.add_argument("--e2e-threads", type=int, help="torch threads end to end (default: the first of --threads)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if not (args.layers or args.e2e or args.candidates or args.torchao):
@@ -501,17 +502,24 @@ def main(argv: list[str] | None = None) -> int:
     header = machine()
     print(header, flush=True)
     parts = []
-    if args.candidates:
-        lines = bench_candidates(args.m, shapes, args.budget)
-        parts.append("Candidate kernels alone (ms, x bf16 F.linear):\n\n```\n" + "\n".join(lines) + "\n```")
-    if args.layers:
-        rows = bench_layers(args.m, shapes, args.budget)
-        parts.append("Layer-wise, bf16 activations in and out, quantization and epilogue included "
-                     "(ratio = bf16 F.linear time / op time, same run):\n\n" + layer_table(rows))
-    if args.torchao:
-        rows, note = bench_torchao(args.m, shapes, args.budget)
-        parts.append(f"Peer, same shapes ({note}; ratio = bf16 F.linear / torchao linear, same process, "
-                     "run right after the table above):\n\n" + (torchao_table(rows) if rows else "(no rows)"))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        if args.candidates:
+            lines = bench_candidates(args.m, shapes, args.budget)
+            parts.append(f"Candidate kernels alone, {threads} thread(s) (ms, x bf16 F.linear):\n\n```\n"
+                         + "\n".join(lines) + "\n```")
+        if args.layers:
+            rows = bench_layers(args.m, shapes, args.budget)
+            parts.append(f"Layer-wise, **{threads} thread(s)**, bf16 activations in and out, quantization and "
+                         "epilogue included (ratio = bf16 F.linear time / op time, same rounds; load average "
+                         f"{os.getloadavg()[0]:.1f} at the end):\n\n" + layer_table(rows))
+        if args.torchao:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            rows, note = bench_torchao(args.m, shapes, args.budget)
+            parts.append(f"Peer, same shapes, {threads} thread(s) ({note}; ratio = bf16 F.linear / torchao linear, "
+                         "same process, run right after the table above):\n\n"
+                         + (torchao_table(rows) if rows else "(no rows)"))
+    torch.set_num_threads(args.e2e_threads or args.threads[0])
     if args.e2e:
         rows = bench_e2e(args.models, args.recipes, args.llama_layers, args.prefill, args.decode_tokens,
                          not args.no_compile)
@@ -523,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                     r["prefill x bf16"] = r["prefill tok/s"] / base["prefill tok/s"]
                     r["decode x bf16"] = r["decode tok/s"] / base["decode tok/s"]
             rows += lrows
-        parts.append("End to end (prefill: 2048 prompt tokens into the KV cache, last-position logits, as "
+        parts.append(f"End to end, **{torch.get_num_threads()} thread(s)** (load average {os.getloadavg()[0]:.1f} at "
+                     "the end; prefill: 2048 prompt tokens into the KV cache, last-position logits, as "
                      "generation's prefill; decode: greedy, tokens/s of the decode steps after a 16-token prompt):"
                      "\n\n" + e2e_table(rows))
         if "smollm2" in args.models:
