@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
-from qcompile.formats import Granularity, PerRow, granularity_from, quantize_weight
+from qcompile.formats import Granularity, PerRow, check_grid, default_grid, granularity_from, quantize_weight
 from qcompile.graph_query import linear_sites
 from qcompile.layerwise import layer_samples
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
@@ -39,10 +39,12 @@ class ClipRecord:
     bits: int
     granularity: Granularity
     symmetric: bool
+    grid: str = "restricted"
 
-    def applies_to(self, bits: int, granularity: Granularity, symmetric: bool, rows: int) -> bool:
+    def applies_to(self, bits: int, granularity: Granularity, symmetric: bool, rows: int,
+                   grid: str = "restricted") -> bool:
         return (self.bits, self.granularity, self.symmetric, self.ratio.numel()) == (
-            bits, granularity, symmetric, rows)
+            bits, granularity, symmetric, rows) and (not symmetric or self.grid == grid)
 
 
 class WeightClips(AnalysisResult[ClipRecord]):
@@ -52,12 +54,13 @@ class WeightClips(AnalysisResult[ClipRecord]):
 
 @torch.no_grad()
 def row_clip_ratios(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: Granularity,
-                    symmetric: bool, ratios: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                    symmetric: bool, ratios: tuple[float, ...], grid: str = "restricted"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the ratio minimizing ||x (Q_c(W) - W)^T||^2; returns (chosen ratio [N], errors [R, N])."""
     wf = w.detach().float()
     errs = []
     for c in ratios:
-        deq = quantize_weight(wf, bits, granularity, symmetric, clip_ratio=c).dequantize()
+        deq = quantize_weight(wf, bits, granularity, symmetric, clip_ratio=c, grid=grid).dequantize()
         errs.append((x @ (deq - wf).T).pow(2).sum(dim=0))
     errs_t = torch.stack(errs)                     # [R, N]
     best = errs_t.argmin(dim=0)
@@ -69,8 +72,8 @@ def row_clip_ratios(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: Gr
 class ClipSearch(Pass):
     """Per-row clipping ratios for round-to-nearest weights, by measured output error.
 
-    ``w_bits`` / ``w_granularity`` / ``w_symmetric``: the weight quantizer ``QuantizeLinears`` will
-    use. ``ratios``: the grid (1.0 = no clipping). ``targets`` / ``ignore``: module patterns (lm_head
+    ``w_bits`` / ``w_granularity`` / ``w_symmetric`` / ``w_grid``: the weight quantizer
+    ``QuantizeLinears`` will use (``w_grid`` None: the format layer's default for ``w_bits``). ``ratios``: the grid (1.0 = no clipping). ``targets`` / ``ignore``: module patterns (lm_head
     ignored by default). ``search_tokens``: calibration tokens sampled per linear input.
     Provides ``weight_clip`` (a ``WeightClips``, module -> ClipRecord). Needs calibration data.
     """
@@ -78,6 +81,7 @@ class ClipSearch(Pass):
     w_bits: int = 4
     w_granularity: Any = PerRow()
     w_symmetric: bool = True
+    w_grid: str | None = None
     ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ("re:(.*\\.)?lm_head",)
@@ -91,6 +95,7 @@ class ClipSearch(Pass):
         object.__setattr__(self, "w_granularity", granularity_from(self.w_granularity))
         if self.w_bits not in (3, 4, 8):
             raise ValueError(f"ClipSearch: w_bits must be 3, 4 or 8, got {self.w_bits}")
+        object.__setattr__(self, "w_grid", check_grid(self.w_grid or default_grid(self.w_bits)))
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         for name in ("targets", "ignore"):
             value = getattr(self, name)
@@ -120,9 +125,9 @@ class ClipSearch(Pass):
                 if s.input not in xs:
                     continue
                 ratio, errs = row_clip_ratios(xs[s.input], s.weight_tensor(gm), self.w_bits, self.w_granularity,
-                                              self.w_symmetric, self.ratios + (1.0,))
+                                              self.w_symmetric, self.ratios + (1.0,), self.w_grid)
                 err, err1 = errs.min(dim=0).values, errs[-1]
-                records[s.module] = ClipRecord(ratio, self.w_bits, self.w_granularity, self.w_symmetric)
+                records[s.module] = ClipRecord(ratio, self.w_bits, self.w_granularity, self.w_symmetric, self.w_grid)
                 rows.append({"module": s.module, "ratio mean": round(float(ratio.mean()), 3),
                              "ratio min": float(ratio.min()), "rows clipped": int((ratio < 1).sum()),
                              "output error vs no clip": round(float(err.sum() / err1.sum().clamp_min(1e-30)), 4)})

@@ -43,7 +43,7 @@ class FloatWeights(AnalysisResult[torch.Tensor]):
 class LoweredLinears(AnalysisResult[LoweredScheme]):
     """``lowered_linears``: module -> the scheme its linear was lowered with."""
 
-_OVERRIDABLE = {"w_bits", "a_bits", "w_granularity", "w_symmetric", "a_granularity", "outliers"}
+_OVERRIDABLE = {"w_bits", "a_bits", "w_granularity", "w_symmetric", "a_granularity", "outliers", "w_grid"}
 
 
 class _LinearParams(nn.Module):
@@ -70,6 +70,7 @@ class QuantizeLinears(Pass):
     ignore: list[str] = field(default_factory=lambda: ["re:(.*\\.)?lm_head"])
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     outliers: bool = False
+    w_grid: str | None = None
 
     kind = PassKind.LOWER
     provides = ("float_weights", "lowered_linears")
@@ -88,7 +89,7 @@ class QuantizeLinears(Pass):
     @property
     def base_spec(self) -> LinearSpec:
         return LinearSpec(self.w_bits, self.a_bits, self.w_granularity, self.w_symmetric, self.a_granularity,
-                          self.outliers)
+                          self.outliers, self.w_grid)
 
     def _spec_with(self, fields: dict[str, Any]) -> LinearSpec:
         changes = dict(fields)
@@ -110,7 +111,7 @@ class QuantizeLinears(Pass):
     def config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("w_bits", "a_bits", "w_granularity", "w_symmetric",
                                               "a_granularity", "targets", "ignore", "overrides",
-                                              "outliers")}
+                                              "outliers", "w_grid")}
 
     def scheme_for(self, module: str) -> LoweredScheme:
         """The lowered scheme of ``module`` (the first matching override applied)."""

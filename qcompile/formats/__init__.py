@@ -4,9 +4,9 @@ scheme. It imports only torch; kernels, the engine, passes and the face build on
 from qcompile.formats.granularity import (Granularity, PerGroup, PerRow, PerTensor, PerToken,
                                           granularity_from)
 from qcompile.formats.lowered import LoweredNode, emit, lowered_nodes, lowered_op_names, op_qualname
-from qcompile.formats.numerics import (QuantizedWeight, dequantize_weight, int_range, is_packed,
-                                       pack_int4, pack_weight, quantize_weight, row_sum, unpack_int4,
-                                       unpack_weight)
+from qcompile.formats.numerics import (GRIDS, QuantizedWeight, check_grid, default_grid, dequantize_weight, int_range,
+                                       is_packed, pack_int4, pack_weight, quantize_weight, row_sum,
+                                       symmetric_qmax, unpack_int4, unpack_weight)
 from qcompile.formats.outlier import OutlierHybrid
 from qcompile.formats.scheme import (LinearSpec, LoweredScheme, Lowering, RoundedWeights, TensorSpec,
                                      WeightInput, register_scheme, registered_schemes, scheme_for,
@@ -15,7 +15,7 @@ from qcompile.formats.w8a8 import W8A8
 from qcompile.formats.weight_only import WeightOnly
 
 __all__ = ["Granularity", "PerGroup", "PerRow", "PerTensor", "PerToken", "granularity_from",
-           "QuantizedWeight", "dequantize_weight", "int_range", "is_packed", "pack_int4", "pack_weight",
+           "GRIDS", "check_grid", "symmetric_qmax", "default_grid", "QuantizedWeight", "dequantize_weight", "int_range", "is_packed", "pack_int4", "pack_weight",
            "quantize_weight", "row_sum", "unpack_int4", "unpack_weight", "lowered_op_names",
            "float_storage_names", "LinearSpec", "LoweredScheme", "Lowering", "RoundedWeights", "TensorSpec",
            "WeightInput", "register_scheme", "registered_schemes", "scheme_for", "scheme_from_json", "sqnr_db",

@@ -12,7 +12,40 @@ import torch
 from qcompile.formats.granularity import Granularity, PerGroup, PerRow
 
 __all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight", "pack_int4", "unpack_int4",
-           "int_range", "pack_weight", "unpack_weight", "is_packed", "row_sum"]
+           "int_range", "pack_weight", "unpack_weight", "is_packed", "row_sum", "GRIDS", "check_grid",
+           "symmetric_qmax", "default_grid"]
+
+# Symmetric grids: the integer levels are [-2^(b-1), 2^(b-1)-1] either way; the grid says which
+# float abs-max maps to the top level.
+#   "restricted": scale = absmax / (2^(b-1) - 1), so +-absmax land on +-(2^(b-1) - 1) and the
+#                 level -2^(b-1) is never used (int8's -127..127 convention);
+#   "full":       scale = absmax / (2^(b-1) - 0.5), a finer step that uses all 2^b levels (-absmax
+#                 lands on -2^(b-1), +absmax is clamped half a step down to 2^(b-1) - 1); the GPTQ
+#                 reference's and llama.cpp's 4-bit convention.
+GRIDS = ("restricted", "full")
+# The grid weight-only rounding (RTN, clipping search, GPTQ) uses when none is asked for, by
+# bits; chosen by measurement (bench/ACCURACY.md, "Symmetric grid"). W8A8 and QUIK's RTN
+# weights keep "restricted" (int8's convention).
+DEFAULT_GRID: dict[int, str] = {2: "restricted", 3: "restricted", 4: "restricted", 8: "restricted"}
+
+
+def check_grid(grid: str) -> str:
+    """``grid`` itself, or a ValueError naming the grids there are."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown symmetric grid {grid!r}; use one of {', '.join(GRIDS)}")
+    return grid
+
+
+def symmetric_qmax(bits: int, grid: str = "restricted") -> float:
+    """The level the abs-max maps to on a symmetric ``grid`` (the scale's divisor): 2^(b-1) - 1
+    ("restricted") or 2^(b-1) - 0.5 ("full")."""
+    check_grid(grid)
+    return 2 ** (bits - 1) - (1.0 if grid == "restricted" else 0.5)
+
+
+def default_grid(bits: int) -> str:
+    """The symmetric grid weight-only rounding uses for ``bits`` when none is asked for."""
+    return DEFAULT_GRID.get(bits, "restricted")
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -49,10 +82,11 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, bits: int, granularity: Granularity = PerRow(),
-                    symmetric: bool = True, clip_ratio: torch.Tensor | float = 1.0) -> QuantizedWeight:
+                    symmetric: bool = True, clip_ratio: torch.Tensor | float = 1.0,
+                    grid: str = "restricted") -> QuantizedWeight:
     """Round-to-nearest weight quantization per row or per group.
 
-    Symmetric: scale = clip * absmax / (2^(b-1) - 1), levels [-2^(b-1), 2^(b-1) - 1].
+    Symmetric: scale = clip * absmax / ``symmetric_qmax(bits, grid)``, levels [-2^(b-1), 2^(b-1) - 1].
     Asymmetric: scale = clip * (max - min) / (2^b - 1), zero = round(-min / scale), levels [0, 2^b-1].
     """
     if w.dim() != 2:
@@ -65,7 +99,7 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: Granularity = PerRo
     ratio = ratio.reshape(-1, 1, 1) if ratio.dim() else ratio
     lo, hi = int_range(bits, symmetric)
     if symmetric:
-        scale = (g.abs().amax(dim=-1, keepdim=True) * ratio / hi).clamp_min(1e-12)
+        scale = (g.abs().amax(dim=-1, keepdim=True) * ratio / symmetric_qmax(bits, grid)).clamp_min(1e-12)
         q = torch.clamp(torch.round(g / scale), lo, hi)
         zero = None
     else:

@@ -96,6 +96,7 @@ class LinearSpec:
     w_symmetric: bool = True
     a_granularity: Granularity = PerToken()
     outliers: bool = False
+    w_grid: str | None = None        # symmetric weight grid ("restricted"/"full"); None: the default
 
     @property
     def weight_only(self) -> bool:
@@ -139,6 +140,11 @@ class LoweredScheme(ABC):
     @property
     def w_symmetric(self) -> bool:
         return True
+
+    @property
+    def w_grid(self) -> str:
+        """The symmetric weight grid RTN rounds on (``qcompile.formats.numerics.GRIDS``)."""
+        return "restricted"
 
     @property
     def a_bits(self) -> int | None:
@@ -224,7 +230,7 @@ class LoweredScheme(ABC):
         """A ClipSearch record's per-row ratios, when they were searched for this scheme's grid."""
         if record is None:
             return None
-        ok = record.applies_to(self.w_bits, self.w_granularity, self.w_symmetric, rows)
+        ok = record.applies_to(self.w_bits, self.w_granularity, self.w_symmetric, rows, self.w_grid)
         return record.ratio if ok else None
 
 

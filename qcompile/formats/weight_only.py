@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import torch
 
 from qcompile.formats.granularity import Granularity, PerGroup, PerRow
-from qcompile.formats.numerics import (QuantizedWeight, dequantize_weight, pack_weight, quantize_weight,
-                                       unpack_weight)
+from qcompile.formats.numerics import (QuantizedWeight, check_grid, default_grid, dequantize_weight,
+                                       pack_weight, quantize_weight, unpack_weight)
 from qcompile.formats.scheme import (LinearSpec, LoweredScheme, Lowering, RoundedWeights, TensorSpec,
                                      WeightInput, register_scheme, sqnr_db)
 
@@ -77,11 +77,13 @@ def rounded_usable(record: RoundedWeights | None, w: torch.Tensor, bits: int, gr
 @register_scheme
 @dataclass(frozen=True)
 class WeightOnly(LoweredScheme):
-    """``bits`` in (3, 4, 8); ``granularity`` PerRow() or PerGroup(n); ``symmetric`` or not."""
+    """``bits`` in (3, 4, 8); ``granularity`` PerRow() or PerGroup(n); ``symmetric`` or not;
+    ``grid``: the symmetric grid RTN rounds on ("restricted" in models saved before the field)."""
 
     bits: int = 4
     granularity: Granularity = PerRow()
     symmetric: bool = True
+    grid: str = "restricted"
 
     kind = "weight_only"
     op_name = "qcompile::weight_only_linear"
@@ -93,6 +95,7 @@ class WeightOnly(LoweredScheme):
             raise ValueError(f"w_bits must be 3, 4 or 8, got {self.bits}")
         if not isinstance(self.granularity, (PerRow, PerGroup)):
             raise ValueError(f"w_granularity must be PerRow() or PerGroup(n), got {self.granularity}")
+        check_grid(self.grid)
 
     @property
     def w_bits(self) -> int:
@@ -107,6 +110,10 @@ class WeightOnly(LoweredScheme):
         return self.symmetric
 
     @property
+    def w_grid(self) -> str:
+        return self.grid
+
+    @property
     def group_size(self) -> int:
         return self.granularity.size if isinstance(self.granularity, PerGroup) else 0
 
@@ -118,7 +125,7 @@ class WeightOnly(LoweredScheme):
     def from_spec(cls, spec: LinearSpec) -> "WeightOnly | None":
         if spec.outliers or not spec.weight_only:
             return None
-        return cls(spec.w_bits, spec.w_granularity, spec.w_symmetric)
+        return cls(spec.w_bits, spec.w_granularity, spec.w_symmetric, spec.w_grid or default_grid(spec.w_bits))
 
     def constants(self, in_features: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "in_features": in_features}
@@ -127,7 +134,7 @@ class WeightOnly(LoweredScheme):
         w = source.weight.detach()
         clip = source.clip_ratio
         qw = quantize_weight(w, self.bits, self.granularity, self.symmetric,
-                             clip_ratio=1.0 if clip is None else clip)
+                             clip_ratio=1.0 if clip is None else clip, grid=self.grid)
         how = "RTN" if clip is None else "RTN + searched clip"
         if rounded_usable(source.rounded, w, self.bits, qw.group_size, self.symmetric, outlier_free=True):
             r = source.rounded
