@@ -50,11 +50,13 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
             return p
         return make
 
-    def w_only(bits: int, group: int, gptq: bool, clip: bool = False) -> Callable[[], list]:
+    def w_only(bits: int, group: int, gptq: bool, clip: bool = False, act_order: bool | None = None,
+               grid: str | None = None) -> Callable[[], list]:
         def make() -> list:
             gran = PerGroup(group) if group else PerRow()
-            p: list = [GPTQ(w_bits=bits, group_size=group, clip=clip)] if gptq else []
-            return p + [QuantizeLinears(w_bits=bits, a_bits=None, w_granularity=gran)]
+            p: list = [GPTQ(w_bits=bits, group_size=group, clip=clip, act_order=act_order, grid=grid)
+                       ] if gptq else []
+            return p + [QuantizeLinears(w_bits=bits, a_bits=None, w_granularity=gran, w_grid=grid)]
         return make
 
     rows: dict[str, tuple[str, Callable[[], list]]] = {"fp32": ("FP32", lambda: [])}
@@ -78,7 +80,19 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
         "rtn_w3a16": ("RTN W3A16 per channel", w_only(3, 0, False)),
         "gptq_w3a16": ("GPTQ W3A16 per channel", w_only(3, 0, True)),
         "gptq_w3a16_g128": ("GPTQ W3A16 g128", w_only(3, 128, True)),
+        "gptq_clip_w4a16_g128": ("GPTQ + clip W4A16 g128", w_only(4, 128, True, clip=True)),
+        "gptq_clip_w3a16_g128": ("GPTQ + clip W3A16 g128", w_only(3, 128, True, clip=True)),
     })
+    # the symmetric-grid and act-order decision (issue 15): every method x bits x granularity x grid,
+    # e.g. rtn_w4a16_g128_full, gptq-ao_w3a16_restricted (act-order), gptq-nat_w4a16_full
+    for method, gptq, order in (("rtn", False, None), ("gptq-ao", True, True), ("gptq-nat", True, False)):
+        for bits in (3, 4):
+            for group in (0, 128):
+                for grid in ("restricted", "full"):
+                    gran = f" g{group}" if group else " per channel"
+                    label = {"rtn": "RTN", "gptq-ao": "GPTQ act-order", "gptq-nat": "GPTQ natural order"}[method]
+                    rows[f"{method}_w{bits}a16{'_g128' if group else ''}_{grid}"] = (
+                        f"{label} W{bits}A16{gran}, {grid} grid", w_only(bits, group, gptq, act_order=order, grid=grid))
     return rows
 
 

@@ -81,6 +81,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_dequant": [P, I, I64, I64, I64, P, P, I64, I64, P, I64, I, I],
         "qc_w8a8_small": [P, I, I64, I64, I64, P, I64, P, P, P, F, P, I64, I],
         "qc_quik_small": [P, I, I64, I64, I64, P, I64, P, P, P, I, P, I64, P, P, I64, I],
+        "qc_gptq_columns": [P, I64, I64, P, I64, I64, I64, I64, P, P, P, I64, F, F, P, I64, I64, P, I64, I],
     }
     for name, args in sigs.items():
         fn = getattr(dll, name)

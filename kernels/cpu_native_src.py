@@ -421,4 +421,36 @@ void qc_quik_small(const void* xq, int dt, int64_t M, int64_t Kq, int64_t ldx, c
     qc_epilogue_quik(acc, 0, N, st, mt, sw, rs, (float)(1 << (bits - 1)), outl, ldl, bias, out, dt, N, M, N, 1);
     free(qa); free(st); free(mt); free(acc);
 }
+
+/* GPTQ's column loop over columns [c0, c1) of one block (qcompile.gptq_math._gptq_blocks), rows in
+   parallel (GPTQ's rows are independent). w [N, B] (row stride ldw) is updated in place; hinv [B, B]
+   (row stride ldh) is the block of the upper Cholesky factor of H^-1; column c's scale and zero are
+   scale/zero[r * G + group[c]]. The same float32 operations in the same order as the torch loop:
+   q = clamp(rne(w / s) + z, lo, hi); e = (w - (q - z) * s) / hinv[c][c]; w[j] -= e * hinv[c][j]
+   for j >= c (a product then a difference: no fused multiply-add). q goes to q[r * ldq + qoff + c],
+   e to err[r * lde + c]. */
+void qc_gptq_columns(float* w, int64_t ldw, int64_t N, const float* hinv, int64_t ldh, int64_t B,
+                     int64_t c0, int64_t c1, const int64_t* group, const float* scale, const float* zero,
+                     int64_t G, float lo, float hi, float* q, int64_t ldq, int64_t qoff, float* err,
+                     int64_t lde, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(N * (c1 - c0) * (B - c0) > 65536)
+    for (int64_t r = 0; r < N; ++r) {
+        float* wr = w + r * ldw;
+        for (int64_t c = c0; c < c1; ++c) {
+            const float s = scale[r * G + group[c]], z = zero[r * G + group[c]];
+            const float wc = wr[c];
+            float qi = nearbyintf(wc / s) + z;
+            qi = qi < lo ? lo : qi;
+            qi = qi > hi ? hi : qi;
+            q[r * ldq + qoff + c] = qi;
+            const float e = (wc - (qi - z) * s) / hinv[c * ldh + c];
+            err[r * lde + c] = e;
+            const float* hr = hinv + c * ldh;
+            for (int64_t j = c; j < B; ++j) {
+                const float t = e * hr[j];
+                wr[j] = wr[j] - t;
+            }
+        }
+    }
+}
 """

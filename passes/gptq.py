@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
-from qcompile.formats import RoundedWeights
+from qcompile.formats import RoundedWeights, check_grid, default_grid
 from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
@@ -65,13 +65,19 @@ class GPTQRecords(AnalysisResult[GPTQRecord]):
 class GPTQ(Pass):
     """GPTQ weight rounding (standard W4A16/W3A16, per row or ``group_size``; or QUIK mode with
     ``outliers="keep_fp16"``). ``overrides`` maps a module pattern to changed ``w_bits``,
-    ``group_size``, ``symmetric`` or ``clip`` (QUIK-4B: ``{"re:.*down_proj": {"w_bits": 8}}``, to
-    match the W8A8 lowering). ``hessian_dtype`` "float64" for ill-conditioned layers."""
+    ``group_size``, ``symmetric``, ``clip`` or ``grid`` (QUIK-4B: ``{"re:.*down_proj": {"w_bits":
+    8}}``, to match the W8A8 lowering). ``hessian_dtype`` "float64" for ill-conditioned layers.
+
+    ``act_order``: process columns by descending Hessian diagonal, with static groups (scales
+    found up front in column order, so the stored layout is unchanged); None (the default) turns
+    it on except in QUIK mode, whose column order is the activation order. ``grid``: the symmetric
+    grid (``qcompile.formats.GRIDS``), None for the format layer's default for the bits. The work
+    runs where the model's weights are (CUDA or CPU), layer by layer."""
 
     w_bits: int = 4
     group_size: int = 0
     symmetric: bool = True
-    act_order: bool = False
+    act_order: bool | None = None
     outliers: str | None = None
     clip: bool = False
     block_size: int = 128
@@ -80,6 +86,7 @@ class GPTQ(Pass):
     ignore: tuple[str, ...] = ("re:(.*\\.)?lm_head",)
     hessian_dtype: str = "float32"
     overrides: dict[str, dict] = field(default_factory=dict)
+    grid: str | None = None
 
     kind = PassKind.TRANSFORM
     # gptq_time_s / gptq_cpu_s: the same seconds as GPTQRecords.seconds / .cpu_seconds, kept for
@@ -93,6 +100,10 @@ class GPTQ(Pass):
         if self.outliers and self.act_order:
             raise ValueError("act_order and outliers='keep_fp16' both choose the column order; "
                              "QUIK orders by activation scale, so drop act_order")
+        if self.act_order is None:
+            object.__setattr__(self, "act_order", not self.outliers)
+        if self.grid is not None:
+            check_grid(self.grid)
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype must be 'float32' or 'float64', got {self.hessian_dtype!r}")
         if not 2 <= self.w_bits <= 8:
@@ -103,22 +114,25 @@ class GPTQ(Pass):
             if value is not None:
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         for pattern, fields in self.overrides.items():
-            unknown = set(fields) - {"w_bits", "group_size", "symmetric", "clip"}
+            unknown = set(fields) - {"w_bits", "group_size", "symmetric", "clip", "grid"}
             if unknown:
                 raise ValueError(f"GPTQ override {pattern!r}: unknown fields {sorted(unknown)}; "
-                                 "allowed: clip, group_size, symmetric, w_bits")
+                                 "allowed: clip, grid, group_size, symmetric, w_bits")
+            if fields.get("grid") is not None:
+                check_grid(fields["grid"])
 
     @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
         """QUIK mode orders columns by activation scale, outliers last."""
         return ("outliers", "activation_stats") if self.outliers else ()
 
-    def settings_for(self, module: str) -> tuple[int, int, bool, bool]:
-        """(w_bits, group_size, symmetric, clip) for ``module``, after overrides."""
+    def settings_for(self, module: str) -> tuple[int, int, bool, bool, str]:
+        """(w_bits, group_size, symmetric, clip, grid) for ``module``, after overrides."""
         pattern = first_match(module, self.overrides)
         over = self.overrides[pattern] if pattern else {}
-        return (over.get("w_bits", self.w_bits), over.get("group_size", self.group_size),
-                over.get("symmetric", self.symmetric), over.get("clip", self.clip))
+        bits = over.get("w_bits", self.w_bits)
+        return (bits, over.get("group_size", self.group_size), over.get("symmetric", self.symmetric),
+                over.get("clip", self.clip), over.get("grid") or self.grid or default_grid(bits))
 
     def selected(self, module: str) -> bool:
         return selected(module, self.targets, self.ignore)
@@ -141,24 +155,34 @@ class GPTQ(Pass):
             for s in sites:
                 if s.node in members:
                     groups.setdefault(s.input, []).append(s)
-            for x, group in groups.items():
-                acc = HessianAccumulator(group[0].weight_tensor(gm).shape[1], dtype)
-                self._collect(runner, layer, x, acc)
+            accs = {x: HessianAccumulator(group[0].weight_tensor(gm).shape[1], dtype) for x, group in groups.items()}
+
+            def round_group(x: fx.Node) -> None:
                 batches: dict[tuple, list] = {}  # one GPTQ call per setting
-                for s in group:
+                for s in groups[x]:
                     batches.setdefault(self.settings_for(s.module), []).append(s)
                 for settings, batch in batches.items():
-                    rows += self._round_group(gm, batch, acc.h, outliers, stats, records, settings)
-                done.update(s.module for s in group)
-            runner.commit(layer)
+                    rows.extend(self._round_group(gm, batch, accs[x].h, outliers, stats, records, settings))
+                done.update(s.module for s in groups[x])
+
+            for x in groups:  # inputs computed by an earlier group: cached, final already
+                if x not in members:
+                    for value in runner.cached(x):
+                        accs[x].add(value)
+                    round_group(x)
+            # the layer runs once: paused at each group's input to round that group, so every
+            # Hessian sees the rounded linears before it (QUIK's sequential order)
+            stages = [(x, accs[x].add) for x in groups if x in members]
+            runner.run_staged(layer, stages, round_group)
         missed = [s.module for s in sites if s.module not in done]
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         total_g = sum(r["GPTQ error"] for r in rows)
         total_r = sum(r["RTN error"] for r in rows)
         mode = "QUIK (fp16 outliers last, ascending activation order)" if self.outliers else (
-            "act-order" if self.act_order else "natural order")
+            "act-order, static groups" if self.act_order else "natural order")
         gran = f"g{self.group_size}" if self.group_size else "per row"
-        notes = [f"GPTQ W{self.w_bits} {gran}{'' if self.symmetric else ' asym'}, {mode}"
+        grid = f", {self.grid or default_grid(self.w_bits)} grid" if self.symmetric else " asym"
+        notes = [f"GPTQ W{self.w_bits} {gran}{grid}, {mode}"
                  f"{', clipping search' if self.clip else ''}: {len(rows)} linears in "
                  f"{elapsed:.1f} s ({cpu:.1f} s of CPU time) on {ctx.calibration.tokens} "
                  "calibration tokens",
@@ -172,19 +196,11 @@ class GPTQ(Pass):
         updated: dict[str, Any] = {"gptq": result, "gptq_time_s": elapsed, "gptq_cpu_s": cpu}
         return PassResult(gm, bool(rows), notes, rows, updated)
 
-    @staticmethod
-    def _collect(runner: LayerwiseRunner, layer, x: fx.Node, acc: HessianAccumulator) -> None:
-        if x in set(layer.nodes):
-            runner.run(layer, observe={x: acc.add}, stop=x)
-            return
-        # the input was computed by an earlier group and is cached for this one
-        for value in runner.cached(x):
-            acc.add(value)
-
     def _round_group(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict,
-                     stats: dict, records: dict, settings: tuple[int, int, bool, bool]) -> list[dict]:
-        """Round the linears sharing input Hessian ``h`` in one GPTQ call (rows are independent)."""
-        bits, group_size, symmetric, clip = settings
+                     stats: dict, records: dict, settings: tuple[int, int, bool, bool, str]) -> list[dict]:
+        """Round the linears sharing input Hessian ``h`` in one GPTQ call (rows are independent),
+        on the device the Hessian was accumulated on (where the layer's activations are)."""
+        bits, group_size, symmetric, clip, grid = settings
         ws = [s.weight_tensor(gm).detach() for s in group]
         k = ws[0].shape[1]
         perm, keep = None, 0
@@ -203,22 +219,25 @@ class GPTQ(Pass):
             rest = rest[torch.argsort(st.absmax[rest], stable=True)]
             perm = torch.cat([rest, idx.long()])
         w_all = torch.cat(ws, dim=0)
-        res = gptq_quantize(w_all, h, bits, group_size, symmetric, self.act_order,
-                            self.block_size, self.damp, keep_last=keep, clip_search=clip, perm=perm)
+        res = gptq_quantize(w_all, h, bits, group_size, symmetric, bool(self.act_order),
+                            self.block_size, self.damp, keep_last=keep, clip_search=clip, perm=perm, grid=grid,
+                            compute_error=False)  # per linear below
         rows, start = [], 0
         for s, w in zip(group, ws):
             n = w.shape[0]
             part = slice(start, start + n)
             start += n
-            w_hat = res.weight[part].to(w.dtype)
+            w_hat = res.weight[part].to(w.device, w.dtype)
             set_tensor(gm, s.weight, w_hat.contiguous())
-            rtn = _rtn_like(w, res, part, bits, symmetric, clip)
+            rtn = _rtn_like(w, res, part, bits, symmetric, clip, grid)
             err, rtn_err = layer_error(w, w_hat, h), layer_error(w, rtn, h)
+            on_w = dict(device=w.device)
             records[s.module] = GPTQRecord(
-                q=res.q[part].contiguous(), scale=res.scale[part].contiguous(),
-                zero=None if res.zero is None else res.zero[part].contiguous(), bits=bits,
-                group_size=res.group_size, symmetric=symmetric, quant_idx=res.quant_idx,
-                outlier_idx=res.outlier_idx, outlier_weight=res.outlier_weight[part].contiguous(),
+                q=res.q[part].to(**on_w).contiguous(), scale=res.scale[part].to(**on_w).contiguous(),
+                zero=None if res.zero is None else res.zero[part].to(**on_w).contiguous(), bits=bits,
+                group_size=res.group_size, symmetric=symmetric, quant_idx=res.quant_idx.to(**on_w),
+                outlier_idx=res.outlier_idx.to(**on_w),
+                outlier_weight=res.outlier_weight[part].to(**on_w).contiguous(),
                 error=err, rtn_error=rtn_err)
             rows.append({"module": s.module, "shape": f"{n}x{k}", "bits": bits, "fp16 cols": keep,
                          "GPTQ error": float(f"{err:.4g}"), "RTN error": float(f"{rtn_err:.4g}"),
@@ -226,15 +245,17 @@ class GPTQ(Pass):
         return rows
 
 
-def _rtn_like(w: torch.Tensor, res, part: slice, bits: int, symmetric: bool, clip: bool) -> torch.Tensor:
+def _rtn_like(w: torch.Tensor, res, part: slice, bits: int, symmetric: bool, clip: bool,
+              grid: str) -> torch.Tensor:
     """Round-to-nearest of ``w`` for comparison, with the same outlier columns kept in float.
     Per-row scales are GPTQ's own (found on the original weights), so only the feedback differs."""
     if res.group_size:
-        return rtn_quantize(w, bits, res.group_size, symmetric, keep_idx=res.outlier_idx, clip_search=clip)
+        return rtn_quantize(w, bits, res.group_size, symmetric, keep_idx=res.outlier_idx.to(w.device),
+                            clip_search=clip, grid=grid)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
-    scale = res.scale[part, :1].to(w.dtype)
-    zero = res.zero[part, :1].to(w.dtype) if res.zero is not None else 0.0
+    scale = res.scale[part, :1].to(w.device, w.dtype)
+    zero = res.zero[part, :1].to(w.device, w.dtype) if res.zero is not None else 0.0
     out = w.clone()
-    cols = res.quant_idx
+    cols = res.quant_idx.to(w.device)
     out[:, cols] = (torch.clamp(torch.round(w[:, cols] / scale) + zero, lo, hi) - zero) * scale
     return out

@@ -71,8 +71,10 @@ def _compile(args, with_report: bool):
 
     recipe = _recipe(args.recipe)
     text = _text(args.calib, DEFAULT_CALIB, "calib file")  # fail fast, before loading the model
+    device = _device(getattr(args, "device", "cpu"))
     model, tok = _load_model(args.model)
     calib = _calibration(args, tok, text)
+    model.to(device)  # calibration, searches and GPTQ run where the model is, layer by layer
     passes = recipe.passes()
     lowered = any(p.kind.value == "lower" for p in passes)
     if with_report and lowered:
@@ -80,15 +82,27 @@ def _compile(args, with_report: bool):
     t0 = time.perf_counter()
     try:
         # inplace: the CLI's model is its own and unused afterwards; no second float copy
-        gm = qcompile.compile(model, passes=passes, calibration=calib, probe=calib[:1, :64], inplace=True)
+        gm = qcompile.compile(model, passes=passes, calibration=calib, probe=calib[:1, :64].to(device),
+                              inplace=True)
     except MemoryError as err:
         raise CLIError(f"out of memory while compiling: lower --calib-windows / --calib-len "
                        f"(now {args.calib_windows} x {args.calib_len})") from err
     except (qcompile.PassError, qcompile.PipelineError, qcompile.TraceError) as err:
         raise CLIError(str(err)) from err
+    seconds = time.perf_counter() - t0
+    gm.to("cpu")  # saved and evaluated on the CPU
     gm.meta["qcompile_recipe"] = recipe.to_dict()
     gm.meta["qcompile_model_ref"] = args.model
-    return gm, tok, time.perf_counter() - t0
+    return gm, tok, seconds
+
+
+def _device(name: str):
+    """The torch device for ``--device``; a CLIError when it is not there."""
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available to this process (torch "
+                       f"{torch.__version__}); use --device cpu")
+    return torch.device(name)
 
 
 def _report_table(rows: list[dict[str, Any]]) -> str:
@@ -135,7 +149,29 @@ def _tokenizer_of(path: Path):
     return AutoTokenizer.from_pretrained(path / "tokenizer")
 
 
+def _is_compiled_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "qcompile.json").is_file()
+
+
+def _float_of(gm) -> tuple[str, Any] | None:
+    """The float model a saved compiled model was compiled from (its recorded reference), if it loads."""
+    import qcompile
+    ref = gm.meta.get("qcompile_model_ref")
+    if not ref:
+        return None
+    try:
+        return ref, qcompile.models.load(ref)[0]
+    except qcompile.models.ModelLoadError:
+        return None
+
+
+def _compiled_name(gm, path: Path) -> str:
+    return f"{(gm.meta.get('qcompile_recipe') or {}).get('name', 'compiled')} ({path.name})"
+
+
 def cmd_eval(args) -> None:
+    if args.tasks:
+        return _eval_tasks(args)
     import torch
     from tabulate import tabulate
 
@@ -145,7 +181,7 @@ def cmd_eval(args) -> None:
     text = _text(args.data, DEFAULT_TEST, "data file")
     target = Path(args.model)
     models: list[tuple[str, Any]] = []
-    if target.is_dir() and (target / "qcompile.json").is_file():
+    if _is_compiled_dir(target):
         gm = _load_compiled(args.model)
         tok = _tokenizer_of(target)
         compiled: Any = gm
@@ -155,16 +191,12 @@ def cmd_eval(args) -> None:
             except ValueError:
                 compiled = gm  # not compiled from a HF model: the graph itself
         dtype = getattr(compiled, "dtype", torch.float32)
-        ref = gm.meta.get("qcompile_model_ref")
-        if ref and not args.no_float:
-            try:
-                float_model = qcompile.models.load(ref)[0]
-                models.append((f"float ({ref})", float_model if args.no_fast else
-                               fast_generate.FastModel(float_model, dtype=dtype)))
-            except qcompile.models.ModelLoadError:
-                pass
-        recipe = (gm.meta.get("qcompile_recipe") or {}).get("name", "compiled")
-        models.append((f"{recipe} ({target.name})", compiled))
+        found = None if args.no_float else _float_of(gm)
+        if found:
+            ref, float_model = found
+            models.append((f"float ({ref})", float_model if args.no_fast else
+                           fast_generate.FastModel(float_model, dtype=dtype)))
+        models.append((_compiled_name(gm, target), compiled))
     else:
         model, tok = _load_model(args.model)
         models.append((f"float ({args.model})", model if args.no_fast else
@@ -180,6 +212,61 @@ def cmd_eval(args) -> None:
         rows.append([name, dtype, f"{ppl:.3f}", f"{time.perf_counter() - t0:.1f}"])
     print(tabulate(rows, headers=["model", "float dtype", f"perplexity ({args.windows or 'all'} x {args.seq_len})",
                                   "time s"]))
+
+
+def _eval_tasks(args) -> None:
+    """``eval --tasks``: lm-eval's tasks on the float and the compiled model's eager twin, side by side."""
+    from tabulate import tabulate
+
+    from qcompile import fast_generate, harness
+    from qcompile.eager import eager_from_saved
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.data or set(tasks) & set(harness.LOCAL_TASKS):
+        _text(args.data, DEFAULT_TEST, "data file")  # the local tasks' text: fail fast, before loading models
+    try:
+        tm = harness.task_manager(tasks, data_file=args.data)
+    except harness.HarnessError as err:
+        raise CLIError(str(err)) from err
+    target = Path(args.model)
+    models: list[tuple[str, Any]] = []
+    if _is_compiled_dir(target):
+        gm = _load_compiled(args.model)
+        tok = _tokenizer_of(target)
+        try:  # the HF model with the compiled linears: lm-eval's HF wrapper runs it, generate() included
+            compiled = eager_from_saved(gm)
+        except ValueError as err:
+            raise CLIError(f"{err}; lm-eval runs HF models") from err
+        found = None if args.no_float else _float_of(gm)
+        if found:
+            models.append((f"float ({found[0]})", found[1]))
+        models.append((_compiled_name(gm, target), compiled))
+    else:
+        model, tok = _load_model(args.model)
+        models.append((f"float ({args.model})", model))
+    dtype = fast_generate.resolve_dtype(args.dtype, models[-1][1])
+    results, times = {}, []
+    for name, m in models:
+        fast_generate.cast_float_parts(m, dtype)  # float parts; lowered linears keep their stored tensors
+        t0 = time.perf_counter()
+        try:
+            results[name] = harness.evaluate(m, tok, tasks, limit=args.limit, batch_size=args.batch_size,
+                                             max_length=args.max_length, num_fewshot=args.num_fewshot, tm=tm)
+        except harness.HarnessError as err:
+            raise CLIError(str(err)) from err
+        times.append(f"{name} {time.perf_counter() - t0:.1f}s")
+    headers, rows = harness.side_by_side(results)
+    print(tabulate(rows, headers=headers, floatfmt=".4f"))
+    print(f"\nlm-eval: {len(tasks)} task(s), limit {args.limit or 'none'}, float parts in "
+          f"{str(dtype).replace('torch.', '')}, max length {args.max_length}; {'; '.join(times)}")
+
+
+def _limit(value: str) -> float | int:
+    """--limit: a count of documents per task, or a fraction of them when below 1."""
+    x = float(value)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return int(x) if x >= 1 and x == int(x) else x
 
 
 def cmd_diff(args) -> None:
@@ -303,6 +390,8 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", type=int, default=16)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where calibration, searches and GPTQ run (the model is moved there)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,15 +406,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of unquantized tensors (embeddings, norms, lm_head, outliers)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("eval", help="WikiText-style perplexity, side by side with the float model")
+    p = sub.add_parser("eval", help="WikiText-style perplexity (or lm-eval tasks), side by side with the float model")
     p.add_argument("model", help="saved compiled dir, or a model (HF dir, .gguf, built-in name)")
-    p.add_argument("--data", help=f"evaluation text (default {DEFAULT_TEST})")
+    p.add_argument("--data", help=f"evaluation text; with --tasks, the local tasks' text (default {DEFAULT_TEST})")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated, instead of the perplexity table: the local "
+                   "qcompile_wikitext2, qcompile_wikitext_cloze (offline), or lm-eval's (hellaswag, arc_easy, ...); "
+                   "pip install 'qcompile[eval]'")
+    p.add_argument("--limit", type=_limit, help="with --tasks: documents per task (a fraction if below 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="with --tasks: lm-eval's batch size")
+    p.add_argument("--max-length", type=int, default=2048, help="with --tasks: longest window scored at once")
+    p.add_argument("--num-fewshot", type=int, help="with --tasks: few-shot examples (default: each task's own)")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--no-float", action="store_true", help="skip the float model")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="float parts' dtype on the fast path (auto: bf16 on CPUs with bf16 arithmetic)")
-    p.add_argument("--no-fast", action="store_true", help="run the saved graph itself in float32 (no fast path)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="run the saved graph itself in float32 (no fast path; --tasks always runs the eager twin)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("diff", help="per-pass graph diffs of a recipe")

@@ -12,8 +12,9 @@ stay in float -- they are not rounded but still absorb the error feedback -- and
 abs-max by the smallest sum |Q(w) - w|^2.4 over the quantized columns.
 
 Conventions (shared with ``qcompile.formats.quantize_weight``): symmetric levels
-[-2^(b-1), 2^(b-1)-1] with scale = ratio * absmax / (2^(b-1)-1); asymmetric levels [0, 2^b-1]
-with scale = ratio * (max - min) / (2^b - 1), zero = round(-min / scale).
+[-2^(b-1), 2^(b-1)-1] with scale = ratio * absmax / ``symmetric_qmax(bits, grid)`` (2^(b-1) - 1 on
+the "restricted" grid, 2^(b-1) - 0.5 on the "full" one); asymmetric levels [0, 2^b-1] with
+scale = ratio * (max - min) / (2^b - 1), zero = round(-min / scale).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+
+from qcompile.formats import check_grid, int_range, symmetric_qmax
 
 __all__ = ["GPTQResult", "HessianAccumulator", "gptq_quantize", "rtn_quantize", "layer_error",
            "find_scale", "CLIP_NORM"]
@@ -42,7 +45,8 @@ class GPTQResult:
     ``quant_idx`` (G = 1 per row); ``outlier_idx`` [keep_last] original indices of the float
     columns (in permuted order) and ``outlier_weight`` [N, keep_last] their updated values;
     ``weight`` [N, K] the full reconstruction in the original column order; ``perm`` the column
-    order GPTQ used; ``error`` the layer error trace((W - W^) H (W - W^)^T) with the undamped H;
+    order GPTQ used; ``error`` the layer error trace((W - W^) H (W - W^)^T) with the undamped H
+(NaN when not asked for);
     ``damp`` the dampening finally added to the diagonal.
     """
 
@@ -61,17 +65,22 @@ class GPTQResult:
 
 
 class HessianAccumulator:
-    """Running H = 2/n sum_t x_t x_t^T over batches of inputs [..., K] (float32 by default)."""
+    """Running H = 2/n sum_t x_t x_t^T over batches of inputs [..., K] (float32 by default), on
+    ``device`` (default: the first batch's)."""
 
-    def __init__(self, k: int, dtype: torch.dtype = torch.float32):
-        self.h = torch.zeros(k, k, dtype=dtype)
+    def __init__(self, k: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        self.k, self.dtype = k, dtype
+        self.h = torch.zeros(k, k, dtype=dtype, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).to(self.h.dtype)
+        x2 = x.detach().reshape(-1, x.shape[-1])
         m = x2.shape[0]
         if m == 0:
             return
+        if self.n == 0 and self.h.device != x2.device:
+            self.h = self.h.to(x2.device)
+        x2 = x2.to(self.h.device, self.h.dtype)
         self.h *= self.n / (self.n + m)
         self.n += m
         x2 = x2 * math.sqrt(2.0 / self.n)
@@ -79,25 +88,20 @@ class HessianAccumulator:
 
 
 def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """sum over rows of (w - w_hat) H (w - w_hat)^T, in float64."""
-    d = (w.double() - w_hat.double())
-    return float(((d @ h.double()) * d).sum())
+    """sum over rows of (w - w_hat) H (w - w_hat)^T (a report figure: the product in float32, the
+    sum in float64)."""
+    d = w.to(w_hat.device).float() - w_hat.float()
+    return float(((d @ h.to(d.device).float()) * d).sum(dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- scales
 
-def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be between 2 and 8, got {bits}")
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
-
-
-def _scale_zero(w: torch.Tensor, ratio: torch.Tensor | float, bits: int, symmetric: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_zero(w: torch.Tensor, ratio: torch.Tensor | float, bits: int, symmetric: bool,
+                grid: str = "restricted") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per row of w [..., R, C] for shrink ``ratio`` (broadcast over leading dims)."""
-    lo, hi = _levels(bits, symmetric)
+    lo, hi = int_range(bits, symmetric)
     if symmetric:
-        scale = (w.abs().amax(dim=-1) * ratio / hi).clamp_min(1e-12)
+        scale = (w.abs().amax(dim=-1) * ratio / symmetric_qmax(bits, grid)).clamp_min(1e-12)
         return scale, torch.zeros_like(scale)
     wmax = w.amax(dim=-1).clamp_min(0) * ratio
     wmin = w.amin(dim=-1).clamp_max(0) * ratio
@@ -110,18 +114,19 @@ def _fake(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi:
 
 
 def find_scale(w: torch.Tensor, bits: int, symmetric: bool = True, clip_search: bool = False,
-               norm: float = CLIP_NORM, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+               norm: float = CLIP_NORM, chunk: int = 16, grid: str = "restricted"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) of w [R, C]; with ``clip_search`` the shrink of the range (1.00 down
     to 0.21 in 0.01 steps) minimizing sum |Q(w) - w|^norm is chosen per row."""
     if not clip_search:
-        return _scale_zero(w, 1.0, bits, symmetric)
-    lo, hi = _levels(bits, symmetric)
-    ratios = 1.0 - torch.arange(_CLIP_STEPS, dtype=w.dtype) / _CLIP_GRID
-    best_err = torch.full((w.shape[0],), float("inf"), dtype=w.dtype)
-    best_ratio = torch.ones(w.shape[0], dtype=w.dtype)
+        return _scale_zero(w, 1.0, bits, symmetric, grid)
+    lo, hi = int_range(bits, symmetric)
+    ratios = 1.0 - torch.arange(_CLIP_STEPS, dtype=w.dtype, device=w.device) / _CLIP_GRID
+    best_err = torch.full((w.shape[0],), float("inf"), dtype=w.dtype, device=w.device)
+    best_ratio = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
     for start in range(0, _CLIP_STEPS, chunk):            # vectorized over rows and shrinks
         r = ratios[start:start + chunk][:, None]          # [S, 1]
-        scale, zero = _scale_zero(w[None], r, bits, symmetric)   # [S, R]
+        scale, zero = _scale_zero(w[None], r, bits, symmetric, grid)   # [S, R]
         # |Q(w) - w|^p = scale^p |clamp(round(t) + z) - z - t|^p with t = w / scale
         t = w[None] / scale[..., None]
         d = torch.round(t)
@@ -136,27 +141,28 @@ def find_scale(w: torch.Tensor, bits: int, symmetric: bool = True, clip_search: 
         better = val < best_err
         best_err = torch.where(better, val, best_err)
         best_ratio = torch.where(better, r[arg, 0], best_ratio)
-    return _scale_zero(w, best_ratio, bits, symmetric)
+    return _scale_zero(w, best_ratio, bits, symmetric, grid)
 
 
 # ---------------------------------------------------------------- RTN (for comparison)
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = True,
-                 keep_idx: torch.Tensor | None = None, clip_search: bool = False) -> torch.Tensor:
+                 keep_idx: torch.Tensor | None = None, clip_search: bool = False,
+                 grid: str = "restricted") -> torch.Tensor:
     """Round-to-nearest reconstruction [N, K] with the same scale rules as ``gptq_quantize``;
     columns ``keep_idx`` stay float."""
     w = w.detach().float()
     n, k = w.shape
-    keep = torch.zeros(k, dtype=torch.bool)
+    keep = torch.zeros(k, dtype=torch.bool, device=w.device)
     if keep_idx is not None and keep_idx.numel():
         keep[keep_idx] = True
     cols = torch.nonzero(~keep).flatten()
     out = w.clone()
-    lo, hi = _levels(bits, symmetric)
+    lo, hi = int_range(bits, symmetric)
     gs = group_size if 0 < group_size < cols.numel() else cols.numel()
     for g0 in range(0, cols.numel(), max(gs, 1)):
         c = cols[g0:g0 + gs]
-        scale, zero = find_scale(w[:, c], bits, symmetric, clip_search)
+        scale, zero = find_scale(w[:, c], bits, symmetric, clip_search, grid=grid)
         out[:, c] = _fake(w[:, c], scale[:, None], zero[:, None], lo, hi)
     return out
 
@@ -174,7 +180,7 @@ def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[tor
     diag_mean = float(torch.diag(h).mean())
     if not math.isfinite(diag_mean):
         raise ValueError("the Hessian has non-finite entries: the calibration inputs contain inf/nan")
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     frac = damp
     for attempt in range(_MAX_DAMP_TRIES):
         amount = frac * max(diag_mean, 1e-12)
@@ -193,35 +199,63 @@ def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[tor
                      "mean(diag H); check the calibration inputs")
 
 
+def _native_lib():
+    """The CPU helper library with ``qc_gptq_columns`` (None: not built, or disabled)."""
+    from qcompile.kernels import cpu_native
+    return cpu_native.lib()
+
+
 def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor, kq: int, k: int, block_size: int, bits: int, symmetric: bool,
-                 clip_search: bool, gs: int) -> torch.Tensor:
+                 clip_search: bool, gs: int, grid: str = "restricted") -> torch.Tensor:
     """The column loop, in place on the permuted weight ``wp``: rounds columns [0, kq), spreads
     the error onto all later columns (including the float ones), returns the integers [N, kq].
-    ``gs`` > 0: dynamic groups, whose scales are found when their first column is reached."""
+    ``gs`` > 0: dynamic groups, whose scales are found when their first column is reached, over
+    that group's quantized columns only (never the float ones after column ``kq``).
+
+    On the CPU in float32 the loop inside a block runs in C (``qc_gptq_columns``: the same
+    operations, bit for bit, with the rows spread over torch's threads); elsewhere (CUDA, float64)
+    as torch operations, one column at a time."""
     n, dtype = wp.shape[0], wp.dtype
-    lo, hi = _levels(bits, symmetric)
+    lo, hi = int_range(bits, symmetric)
     dynamic_groups = gs > 0
-    qp = torch.zeros(n, kq, dtype=dtype)
+    dll = _native_lib() if (wp.device.type == "cpu" and dtype == torch.float32
+                            and upper.dtype == torch.float32) else None
+    group_of = gp.tolist()  # host-side: no device sync per column
+    gp64 = gp.to(torch.int64).contiguous()
+    qp = torch.zeros(n, kq, dtype=dtype, device=wp.device)
     for i1 in range(0, kq, block_size):
         i2 = min(i1 + block_size, k)
         iq = min(i1 + block_size, kq)                  # columns of this block that get rounded
         w1 = wp[:, i1:i2].clone()
-        hinv1 = upper[i1:i2, i1:i2]
-        err1 = torch.zeros(n, iq - i1, dtype=dtype)
-        for i in range(iq - i1):
+        hinv1 = upper[i1:i2, i1:i2].contiguous()
+        err1 = torch.zeros(n, iq - i1, dtype=dtype, device=wp.device)
+        i = 0
+        while i < iq - i1:
             col = i1 + i
-            g = int(gp[col])
-            if dynamic_groups and (col % gs == 0):
-                s, z = find_scale(w1[:, i:i + gs], bits, symmetric, clip_search)
-                scale[:, g], zero[:, g] = s, z
-            wc = w1[:, i]
-            sc, zc = scale[:, g], zero[:, g]
-            qi = torch.clamp(torch.round(wc / sc) + zc, lo, hi)
-            qp[:, col] = qi
-            err = (wc - (qi - zc) * sc) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
+            stop = iq - i1
+            if dynamic_groups:
+                if col % gs == 0:
+                    s, z = find_scale(w1[:, i:min(i + gs, iq - i1)], bits, symmetric, clip_search, grid=grid)
+                    scale[:, group_of[col]], zero[:, group_of[col]] = s, z
+                stop = min(stop, i + gs - col % gs)    # up to the next group's first column
+            if dll is not None:
+                dll.qc_gptq_columns(w1.data_ptr(), w1.stride(0), n, hinv1.data_ptr(), hinv1.stride(0), i2 - i1,
+                                    i, stop, gp64[i1:].data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                    scale.shape[1], float(lo), float(hi), qp.data_ptr(), qp.stride(0), i1,
+                                    err1.data_ptr(), err1.stride(0), torch.get_num_threads())
+                i = stop
+                continue
+            for i in range(i, stop):
+                g = group_of[i1 + i]
+                wc = w1[:, i]
+                sc, zc = scale[:, g], zero[:, g]
+                qi = torch.clamp(torch.round(wc / sc) + zc, lo, hi)
+                qp[:, i1 + i] = qi
+                err = (wc - (qi - zc) * sc) / hinv1[i, i]
+                w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+                err1[:, i] = err
+            i = stop
         wp[:, i1:i2] = w1
         if i2 < k:
             wp[:, i2:] -= err1 @ upper[i1:iq, i2:]
@@ -231,9 +265,10 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 0,
                   symmetric: bool = True, act_order: bool = False, block_size: int = 128,
                   damp: float = 0.01, keep_last: int = 0, clip_search: bool = False,
-                  perm: torch.Tensor | None = None) -> GPTQResult:
+                  perm: torch.Tensor | None = None, grid: str = "restricted",
+                  compute_error: bool = True) -> GPTQResult:
     """GPTQ-round ``w`` [N, K] against the Hessian ``h`` [K, K] (float32 or float64: the work
-    runs in h's dtype).
+    runs in h's dtype; on h's device).
 
     ``perm``: the column order to process (default identity; ``act_order`` sorts by descending
     diag H); the last ``keep_last`` columns of that order are kept in float. Scales: per row
@@ -247,18 +282,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     n, k = w.shape
     if not 0 <= keep_last <= k:
         raise ValueError(f"keep_last={keep_last} must be between 0 and the width {k}")
+    check_grid(grid)
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    device = h.device
     h = h.to(dtype)
-    wf = w.detach().to(dtype).clone()
+    wf = w.detach().to(device, dtype).clone()
     kq = k - keep_last
     if perm is None:
-        perm = torch.arange(k)
+        perm = torch.arange(k, device=device)
         if act_order:
             order = torch.argsort(torch.diag(h)[:kq], descending=True, stable=True)
-            perm = torch.cat([order, torch.arange(kq, k)])
+            perm = torch.cat([order, torch.arange(kq, k, device=device)])
     else:
-        perm = torch.as_tensor(perm, dtype=torch.long)
-        if perm.numel() != k or not torch.equal(torch.sort(perm).values, torch.arange(k)):
+        perm = torch.as_tensor(perm, dtype=torch.long).to(device)
+        if perm.numel() != k or not torch.equal(torch.sort(perm).values, torch.arange(k, device=device)):
             raise ValueError(f"perm must be a permutation of range({k})")
     dead = torch.diag(h) == 0
     wf[:, dead] = 0.0
@@ -267,44 +304,37 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     quant_idx = torch.sort(perm[:kq]).values
     natural = torch.equal(perm[:kq], quant_idx)
     gs = group_size if 0 < group_size < kq else 0
-    lo, hi = _levels(bits, symmetric)
+    lo, hi = int_range(bits, symmetric)
     n_groups = 1 if gs == 0 else -(-kq // gs)
-    scale = torch.zeros(n, n_groups, dtype=dtype)
-    zero = torch.zeros(n, n_groups, dtype=dtype)
+    scale = torch.zeros(n, n_groups, dtype=dtype, device=device)
+    zero = torch.zeros(n, n_groups, dtype=dtype, device=device)
     # group of each quantized column, by its position in quant_idx (ascending original order)
-    group_of = torch.zeros(k, dtype=torch.long)
-    group_of[quant_idx] = (torch.arange(kq) // gs) if gs else 0
+    group_of = torch.zeros(k, dtype=torch.long, device=device)
+    group_of[quant_idx] = (torch.arange(kq, device=device) // gs) if gs else 0
     if gs == 0 and kq:
-        s, z = find_scale(wf[:, quant_idx], bits, symmetric, clip_search)
+        s, z = find_scale(wf[:, quant_idx], bits, symmetric, clip_search, grid=grid)
         scale[:, 0], zero[:, 0] = s, z
     elif gs and not natural:
         for g in range(n_groups):
             c = quant_idx[g * gs:(g + 1) * gs]
-            scale[:, g], zero[:, g] = find_scale(wf[:, c], bits, symmetric, clip_search)
+            scale[:, g], zero[:, g] = find_scale(wf[:, c], bits, symmetric, clip_search, grid=grid)
     dynamic_groups = bool(gs) and natural
     if dynamic_groups:
         block_size = gs * max(1, block_size // gs)   # every group lies inside one block
 
     wp = wf[:, perm].contiguous()
     gp = group_of[perm]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny ops: thread start-up and barriers would dominate
-    try:
-        qp = _gptq_blocks(wp, upper, gp, scale, zero, kq, k, block_size, bits, symmetric, clip_search,
-                          gs if dynamic_groups else 0)
-    finally:
-        torch.set_num_threads(threads)
+    qp = _gptq_blocks(wp, upper, gp, scale, zero, kq, k, block_size, bits, symmetric, clip_search,
+                      gs if dynamic_groups else 0, grid)
 
     # back to the original column order
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(k)
-    q_orig = torch.zeros(n, k, dtype=dtype)
+    q_orig = torch.zeros(n, k, dtype=dtype, device=device)
     q_orig[:, perm[:kq]] = qp
     q = q_orig[:, quant_idx]
     g_cols = group_of[quant_idx]
     deq = (q - zero[:, g_cols]) * scale[:, g_cols]
     outlier_idx = perm[kq:].clone()
-    recon = torch.zeros(n, k, dtype=dtype)
+    recon = torch.zeros(n, k, dtype=dtype, device=device)
     recon[:, quant_idx] = deq
     recon[:, outlier_idx] = wp[:, kq:]
     recon[:, dead] = 0.0
@@ -313,4 +343,4 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
         q=q.to(int_dtype), scale=scale.float(), zero=None if symmetric else zero.float(), bits=bits,
         group_size=gs, quant_idx=quant_idx, outlier_idx=outlier_idx,
         outlier_weight=wp[:, kq:].float().clone(), weight=recon.to(w.dtype), perm=perm,
-        error=layer_error(w, recon, h), damp=damp_amount)
+        error=layer_error(w, recon, h) if compute_error else float("nan"), damp=damp_amount)

@@ -32,7 +32,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -44,7 +44,8 @@ from qcompile.calibrate import CalibrationSet
 from qcompile.graph_query import layer_partition
 from qcompile.progress import progress
 
-__all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples", "release_free_memory"]
+__all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples", "release_free_memory",
+           "graph_device"]
 
 
 @dataclass
@@ -87,7 +88,10 @@ class LayerwiseRunner:
         if len(placeholders) != 1:
             raise ValueError(f"layer-by-layer calibration expects a graph with one input, got "
                              f"{len(placeholders)}")
-        self._envs: list[dict[fx.Node, object] | _SpilledEnv] = [{placeholders[0]: b}
+        # the calibration tokens go where the model's weights are (CUDA or CPU): every layer
+        # then runs, and every pass's statistics accumulate, on that device
+        self.device = graph_device(gm)
+        self._envs: list[dict[fx.Node, object] | _SpilledEnv] = [{placeholders[0]: b.to(self.device)}
                                                                 for b in calibration.batches()]
         self._committed = -1
         self._order = order
@@ -158,16 +162,58 @@ class LayerwiseRunner:
     def commit(self, group: LayerGroup) -> None:
         """Run ``group`` with the current weights and keep what later groups read."""
         self._check_next(group)
-        k = self._order[group.name]
         for i in range(len(self._envs)):
             env = self._env(i)
             self._eval(group.nodes, env, None, None)
-            for node in list(env):
-                # weights (get_attr) are fetched fresh by every run: never cache them
-                if node.op == "get_attr" or (node.op != "placeholder" and self._last_use.get(node, -1) <= k):
-                    del env[node]
-            self._keep(i, env)
-        self._committed = k
+            self._store(i, env, group)
+        self._committed = self._order[group.name]
+        release_free_memory()
+
+    def _store(self, i: int, env: dict[fx.Node, object], group: LayerGroup) -> None:
+        """Keep batch ``i``'s values that groups after ``group`` read."""
+        k = self._order[group.name]
+        for node in list(env):
+            # weights (get_attr) are fetched fresh by every run: never cache them
+            if node.op == "get_attr" or (node.op != "placeholder" and self._last_use.get(node, -1) <= k):
+                del env[node]
+        self._keep(i, env)
+
+    @torch.no_grad()
+    def run_staged(self, group: LayerGroup, stages: Sequence[tuple[fx.Node, Callable[[torch.Tensor], None]]],
+                   after_stage: Callable[[fx.Node], None]) -> None:
+        """Run ``group`` once and commit it, pausing at each stage node: every batch is run up to
+        a stage node (whose value goes to its callback), then ``after_stage(node)`` may change
+        the weights of the nodes after it, and the batches go on from where they stopped. The
+        same values as ``run(group, {node: fn}, stop=node)``, ``after_stage(node)`` per stage (in
+        graph order) and
+        ``commit(group)``, with the layer computed once instead of once per stage; the batches'
+        values wait in memory between stages (when the cache is spilled to disk, it runs the
+        stages that way instead)."""
+        self._check_next(group)
+        pos = {n: j for j, n in enumerate(group.nodes)}
+        stages = sorted(stages, key=lambda st: pos[st[0]])
+        if self.spilled:
+            for j, (node, fn) in enumerate(stages):
+                self.run(group, {node: fn}, stop=node)
+                after_stage(node)
+            self.commit(group)
+            return
+        envs = [dict(self._env(i)) for i in range(len(self._envs))]
+        last_user = {n: max((pos.get(u, len(pos)) for u in n.users), default=-1) for n in group.nodes}
+        start = 0
+        for j, (node, fn) in enumerate(stages):
+            end = pos[node] + 1
+            for env in envs:
+                self._eval(group.nodes[start:end], env, {node: fn}, None)
+                for n in group.nodes[start:end]:  # values no later node of the group reads
+                    if last_user[n] < end and self._last_use.get(n, -1) <= self._order[group.name]:
+                        env.pop(n, None)
+            start = end
+            after_stage(node)
+        for i, env in enumerate(envs):
+            self._eval(group.nodes[start:], env, None, None)
+            self._store(i, env, group)
+        self._committed = self._order[group.name]
         release_free_memory()
 
     def outputs(self) -> list[object]:
@@ -206,13 +252,21 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def graph_device(gm: fx.GraphModule) -> torch.device:
+    """Where the graph's weights are (its first parameter or buffer; CPU when it has none)."""
+    for t in (*gm.parameters(), *gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def _nbytes(env: Mapping[fx.Node, object]) -> int:
     leaves, _ = tree_flatten(list(env.values()))
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
 class _SpilledEnv:
-    """One batch's cached values on disk: tensors in a safetensors file, the rest in memory."""
+    """One batch's cached values on disk: tensors in a safetensors file, the rest in memory;
+    loaded back onto the device each tensor came from."""
 
     def __init__(self, path: Path, skeleton: dict[fx.Node, tuple[list[Any], Any]]):
         self.path = path
@@ -227,21 +281,23 @@ class _SpilledEnv:
             for j, leaf in enumerate(leaves):
                 if isinstance(leaf, torch.Tensor):
                     key = f"{node.name}/{j}"
-                    tensors[key] = leaf.detach().clone().contiguous()  # no shared storage in the file
-                    leaves[j] = _Slot(key)
+                    tensors[key] = leaf.detach().cpu().clone().contiguous()  # no shared storage in the file
+                    leaves[j] = _Slot(key, leaf.device)
             skeleton[node] = (leaves, spec)
         path.write_bytes(save_bytes(tensors))
         return cls(path, skeleton)
 
     def load(self) -> dict[fx.Node, object]:
         tensors = load_bytes(self.path.read_bytes())
-        return {node: tree_unflatten([tensors[x.key] if isinstance(x, _Slot) else x for x in leaves], spec)
+        return {node: tree_unflatten([tensors[x.key].to(x.device) if isinstance(x, _Slot) else x
+                                      for x in leaves], spec)
                 for node, (leaves, spec) in self.skeleton.items()}
 
 
 @dataclass(frozen=True)
 class _Slot:
     key: str
+    device: torch.device = torch.device("cpu")
 
 
 class TokenSample:

@@ -139,3 +139,84 @@ def test_bad_shapes_are_clear_errors():
         gptq_quantize(torch.randn(4, 8), torch.eye(8), 4, keep_last=9)
     with pytest.raises(ValueError, match="permutation"):
         gptq_quantize(torch.randn(4, 8), torch.eye(8), 4, perm=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))
+
+
+def test_last_group_scale_ignores_float_columns():
+    """Natural order, groups and float outlier columns: the last (ragged) group's scale comes from
+    its quantized columns only. The old code took it over a slice running into the float columns,
+    so their large values (here 1000x) set the scale."""
+    w, x, h = _layer(n=16, k=40, seed=3)
+    w[:, 36:] *= 1000.0                      # the 4 float columns, after ReorderOutliers
+    res = gptq_quantize(w.float(), h.float(), bits=4, group_size=16, keep_last=4)
+    assert res.outlier_idx.tolist() == [36, 37, 38, 39] and res.scale.shape == (16, 3)
+    # group 2 holds quantized columns 32..35: its scale is bounded by their (error-updated) values,
+    # nowhere near the float columns' magnitude
+    last = res.scale[:, 2]
+    assert float(last.max()) < 10 * float(res.scale[:, :2].max())
+    deq = res.weight[:, 32:36].float()
+    assert torch.allclose(deq, res.q[:, 32:36].float() * last[:, None], atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_full_grid_uses_every_level_and_finer_step(bits, group_size):
+    w, x, h = _layer(n=32, k=64, seed=2)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    for quantizer in ("rtn", "gptq"):
+        out = {}
+        for grid in ("restricted", "full"):
+            if quantizer == "rtn":
+                gran = PerGroup(group_size) if group_size else PerRow()
+                qw = quantize_weight(w.float(), bits, gran, True, grid=grid)
+                out[grid] = (qw.q, qw.scale)
+            else:
+                res = gptq_quantize(w.float(), h.float(), bits, group_size, grid=grid)
+                out[grid] = (res.q, res.scale)
+        (q_r, s_r), (q_f, s_f) = out["restricted"], out["full"]
+        assert int(q_f.min()) == lo and int(q_f.max()) <= hi        # all 2^b levels in use
+        if quantizer == "rtn":  # (GPTQ's error feedback may push a column past the abs-max: -2^(b-1))
+            assert int(q_r.min()) >= lo + 1 and int(q_r.max()) <= hi   # -2^(b-1) unused
+        if quantizer == "rtn" or not group_size:  # scales found on the original weights
+            # step ratio (2^(b-1) - 1) / (2^(b-1) - 0.5): 6/7 at 3 bits, 14/15 at 4
+            ratio = (2 ** (bits - 1) - 1) / (2 ** (bits - 1) - 0.5)
+            assert torch.allclose(s_f, s_r * ratio, rtol=1e-6)
+
+
+def test_unknown_grid_is_a_clear_error():
+    w, x, h = _layer()
+    with pytest.raises(ValueError, match="unknown symmetric grid 'half'.*restricted, full"):
+        gptq_quantize(w, h, 4, grid="half")
+    with pytest.raises(ValueError, match="unknown symmetric grid"):
+        quantize_weight(w, 4, grid="half")
+
+
+def test_gptq_does_not_change_the_thread_setting():
+    """No process-wide thread setting: other threads of the process keep their parallelism."""
+    w, x, h = _layer()
+    before = torch.get_num_threads()
+    seen = []
+    real = torch.set_num_threads
+    try:
+        torch.set_num_threads = lambda n: seen.append(n)  # type: ignore[assignment]
+        gptq_quantize(w, h, 4)
+    finally:
+        torch.set_num_threads = real
+    assert seen == [] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(group_size=16), dict(group_size=16, act_order=True),
+                                    dict(group_size=16, keep_last=5), dict(symmetric=False, group_size=8),
+                                    dict(bits=3, clip_search=True, block_size=16), dict(grid="full", act_order=True)])
+def test_native_column_loop_equals_torch_loop_bit_for_bit(monkeypatch, kwargs):
+    """The C column loop (CPU, float32) against the torch one it replaces, on an odd shape."""
+    from qcompile import gptq_math
+    from qcompile.kernels import cpu_native
+    if not cpu_native.available():
+        pytest.skip(f"native CPU helpers unavailable: {cpu_native.build_error()}")
+    w, x, h = _layer(n=37, k=61, seed=4)
+    kwargs = {"bits": 4, **kwargs}
+    native = gptq_quantize(w.float(), h.float(), **kwargs)
+    monkeypatch.setattr(gptq_math, "_native_lib", lambda: None)
+    plain = gptq_quantize(w.float(), h.float(), **kwargs)
+    assert torch.equal(native.q, plain.q) and torch.equal(native.scale, plain.scale)
+    assert torch.equal(native.weight, plain.weight) and torch.equal(native.outlier_weight, plain.outlier_weight)

