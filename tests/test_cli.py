@@ -99,6 +99,8 @@ def test_diff_prints_pass_diffs(workdir, capsys):
     (["compile", "{ckpt}", "--calib", "{binary}"], "not UTF-8"),
     (["compile", "{ckpt}", "--recipe", "{badrecipe}"], "unknown 'bitz'"),
     (["report", "{tmp}"], "not a saved qcompile model"),
+    pytest.param(["compile", "{ckpt}", "--device", "cuda"], "no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_inputs_give_one_clear_message(workdir, capsys, tmp_path, argv, message):
     (tmp_path / "empty.txt").write_text("")
