@@ -226,9 +226,14 @@ def _targets(mods: set[str], linears: set[str], ignore: set[str]) -> list[str]:
 
 
 def _act_order(gm: fx.GraphModule) -> bool:
+    """Whether GPTQ ran in activation order (from the recipe, or the pipeline compile recorded).
+    qcompile's GPTQ keeps groups in column order either way, so it exports as ``static``."""
     recipe = gm.meta.get("qcompile_recipe") or {}
     steps = recipe.get("steps") or recipe.get("passes") or []
-    return any(isinstance(s, dict) and s.get("pass") == "gptq" and s.get("act_order") for s in steps)
+    if any(isinstance(s, dict) and s.get("pass") == "gptq" and s.get("act_order") for s in steps):
+        return True
+    return any(str(p).startswith("GPTQ(") and "act_order=True" in str(p)
+               for p in getattr(gm, "qcompile_passes", None) or [])
 
 
 def compressed_tensors_plan(gm: fx.GraphModule, tensor_parallel: int = 1) -> dict[str, Any]:
