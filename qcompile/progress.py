@@ -11,7 +11,11 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+def shown() -> bool:
+    """Whether progress bars are shown: on a terminal, or as QCOMPILE_PROGRESS says."""
     flag = os.environ.get("QCOMPILE_PROGRESS")
-    show = sys.stderr.isatty() if flag is None else flag not in ("0", "", "false")
-    return tqdm(items, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)
+    return sys.stderr.isatty() if flag is None else flag not in ("0", "", "false")
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+    return tqdm(items, desc=desc, total=total, disable=not shown(), leave=False, dynamic_ncols=True)

@@ -24,4 +24,6 @@ def test_regular_install_wheel_layout(tmp_path):
     wheel = next(tmp_path.glob("qcompile-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "qcompile/passes/__init__.py" in names and "qcompile/kernels/__init__.py" in names
+    tasks = {f"qcompile/harness_tasks/{t}.yaml" for t in ("qcompile_wikitext2", "qcompile_wikitext_cloze")}
+    assert tasks <= set(names)  # the local lm-eval tasks (package data)
     assert not any(n.startswith(("kernels/", "passes/")) for n in names)
