@@ -406,11 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of unquantized tensors (embeddings, norms, lm_head, outliers)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("eval", help="WikiText-style perplexity (or lm-eval tasks), side by side with the float model")
+    p = sub.add_parser("eval", help="perplexity (or lm-eval tasks), side by side with the float model")
     p.add_argument("model", help="saved compiled dir, or a model (HF dir, .gguf, built-in name)")
     p.add_argument("--data", help=f"evaluation text; with --tasks, the local tasks' text (default {DEFAULT_TEST})")
     p.add_argument("--tasks", help="lm-eval tasks, comma-separated, instead of the perplexity table: the local "
-                   "qcompile_wikitext2, qcompile_wikitext_cloze (offline), or lm-eval's (hellaswag, arc_easy, ...); "
+                   "qcompile_wikitext2, qcompile_wikitext_cloze (offline), or lm-eval's (hellaswag, arc_easy...); "
                    "pip install 'qcompile[eval]'")
     p.add_argument("--limit", type=_limit, help="with --tasks: documents per task (a fraction if below 1)")
     p.add_argument("--batch-size", type=int, default=1, help="with --tasks: lm-eval's batch size")
