@@ -38,12 +38,13 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
 
     down8 = {"re:.*down_proj": {"w_bits": 8, "a_bits": 8}}
 
-    def quik(k: int, gptq: bool, clip: bool = False, d8: bool = False, bits: int = 4) -> Callable[[], list]:
+    def quik(k: int, gptq: bool, clip: bool = False, d8: bool = False, bits: int = 4,
+             grid: str | None = None) -> Callable[[], list]:
         def make() -> list:
             # the outlier lowering requires the ``outliers`` analysis: k = 0 selects none
             p: list = [ActivationStats(), SelectOutliers(k=k)] + ([ReorderOutliers()] if k else [])
             if gptq:
-                p.append(GPTQ(w_bits=bits, outliers="keep_fp16" if k else None, clip=clip,
+                p.append(GPTQ(w_bits=bits, outliers="keep_fp16" if k else None, clip=clip, grid=grid,
                               overrides={"re:.*down_proj": {"w_bits": 8}} if d8 else {}))
             p.append(QuantizeLinears(w_bits=bits, a_bits=bits, outliers=True,
                                      overrides=down8 if d8 else {}))
@@ -72,6 +73,8 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
         "quik_4b_o16": ("QUIK-4B recipe with 16 outliers", quik(16, True, clip=True, d8=True)),
         "quik_4b_o64": ("QUIK-4B recipe with 64 outliers", quik(64, True, clip=True, d8=True)),
         "quik_8b": ("QUIK-8B: RTN W8A8, 32 outliers", quik(32, False, bits=8)),
+        "quik_4b_restricted": ("QUIK-4B, GPTQ on the restricted grid", quik(32, True, clip=True, d8=True, grid="restricted")),
+        "quik_4b_full": ("QUIK-4B, GPTQ on the full grid", quik(32, True, clip=True, d8=True, grid="full")),
         "rtn_w4a16": ("RTN W4A16 per channel", w_only(4, 0, False)),
         "gptq_w4a16": ("GPTQ W4A16 per channel", w_only(4, 0, True)),
         "gptq_clip_w4a16": ("GPTQ + clip W4A16 per channel", w_only(4, 0, True, clip=True)),

@@ -24,8 +24,9 @@ __all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight", "pack_int4
 #                 reference's and llama.cpp's 4-bit convention.
 GRIDS = ("restricted", "full")
 # The grid weight-only rounding (RTN, clipping search, GPTQ) uses when none is asked for, by
-# bits; chosen by measurement (bench/ACCURACY.md, "Symmetric grid"). W8A8 and QUIK's RTN
-# weights keep "restricted" (int8's convention).
+# bits. Still "restricted" (what every saved model used) until the perplexity rows that decide it
+# are measured: `bench/accuracy_quik.py --rows` rtn_* / gptq-ao_* / quik_4b_ with _restricted and
+# _full. W8A8 and QUIK's RTN weights keep "restricted" (int8's convention).
 DEFAULT_GRID: dict[int, str] = {2: "restricted", 3: "restricted", 4: "restricted", 8: "restricted"}
 
 
