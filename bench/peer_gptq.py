@@ -1,7 +1,8 @@
 """GPTQ side by side with llm-compressor (issue 15): SmolLM2-135M, W4A16 per channel and in groups,
 the same calibration windows and the same perplexity protocol through both tools in one run.
 
-    .venv/bin/python bench/peer_gptq.py                      # 40 windows, every row, writes ACCURACY.md
+    .venv/bin/python bench/peer_gptq.py                      # 40 windows, the default rows, writes ACCURACY.md
+    .venv/bin/python bench/peer_gptq.py --rows fp32,w4a16,g128,g64,w4a16-full,g64-full
     .venv/bin/python bench/peer_gptq.py --windows 2 --calib-n 2 --no-write   # smoke run
 
 This driver runs in qcompile's environment. It writes the float model as an HF checkpoint, the
@@ -17,7 +18,12 @@ Rows (``--rows``): fp32 (no quantization: both sides should agree to float round
 that the protocols match), w4a16 (per output channel: qcompile's ``gptq-w4a16`` recipe), g128 and
 g64 (groups of 128 / 64 input columns). SmolLM2's linears read 576 columns (q, k, v, o, gate,
 up) or 1536 (down): 64 divides both, 128 only 1536; whatever a tool does with g128 (a shorter last
-group, or a refusal) is that row's result.
+group, or a refusal) is that row's result. Not run unless asked: w4a16-full and g64-full, qcompile
+alone on the symmetric grid compressed-tensors uses (scale = absmax / 7.5, all 16 levels; qcompile's
+default 4-bit grid divides by 7), to tell the grid's share of a gap from the rest.
+
+Each row's result is kept as JSON under ``--cache``; ``--resume`` reuses those of a run with the
+same window counts and threads (the section then says when they were measured).
 
 Compile seconds: qcompile = the wall time of ``qcompile.compile``; llm-compressor = the wall time
 of the ``oneshot`` call (its total from process start, imports and model load included, is printed
@@ -35,6 +41,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,24 +53,37 @@ PEER_VENV = ROOT / "bench" / ".venv-llmcompressor"
 # the peer's pins: torch exactly qcompile's CPU build (an unpinned torch would pull CUDA wheels)
 PEER_PINS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 
-# row -> (label, qcompile group size (0 = per channel) or None for float, worker arguments)
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    group: int | None  # qcompile's group size: 0 per channel, None no quantization (FP32)
+    peer_args: tuple[str, ...] | None  # the worker's arguments; None: a qcompile-only row
+    grid: str | None = None  # qcompile's symmetric grid; None: its default for 4 bits
+
+
 ROWS = {
-    "fp32": ("FP32 (no quantization)", None, ["--scheme", "fp32"]),
-    "w4a16": ("GPTQ W4A16 per channel", 0, ["--scheme", "channel"]),
-    "g128": ("GPTQ W4A16 g128", 128, ["--scheme", "group", "--group-size", "128"]),
-    "g64": ("GPTQ W4A16 g64", 64, ["--scheme", "group", "--group-size", "64"]),
+    "fp32": Row("FP32 (no quantization)", None, ("--scheme", "fp32")),
+    "w4a16": Row("GPTQ W4A16 per channel", 0, ("--scheme", "channel")),
+    "g128": Row("GPTQ W4A16 g128", 128, ("--scheme", "group", "--group-size", "128")),
+    "g64": Row("GPTQ W4A16 g64", 64, ("--scheme", "group", "--group-size", "64")),
+    # not run by default: qcompile on compressed-tensors' grid (absmax / 7.5), to split the gap
+    "w4a16-full": Row("GPTQ W4A16 per channel, qcompile on the 'full' grid", 0, None, "full"),
+    "g64-full": Row("GPTQ W4A16 g64, qcompile on the 'full' grid", 64, None, "full"),
 }
+DEFAULT_ROWS = ("fp32", "w4a16", "g128", "g64")
 
 
-def _ours_passes(group: int) -> list:
+def _ours_passes(row: Row) -> list:
     from qcompile import recipes
-    from qcompile.formats import PerGroup
+    from qcompile.formats import PerGroup, PerRow
     from qcompile.passes import GPTQ, QuantizeLinears
 
-    if group == 0:
+    if row.group == 0 and row.grid is None:
         return recipes.get("gptq-w4a16").passes()
-    return [GPTQ(w_bits=4, group_size=group),
-            QuantizeLinears(w_bits=4, a_bits=None, w_granularity=PerGroup(group))]
+    granularity = PerGroup(row.group) if row.group else PerRow()
+    return [GPTQ(w_bits=4, group_size=row.group, grid=row.grid),
+            QuantizeLinears(w_bits=4, a_bits=None, w_granularity=granularity, w_grid=row.grid)]
 
 
 # ---------------------------------------------------------------- the peer's environment
@@ -94,19 +114,19 @@ def ensure_peer_venv(venv: Path) -> dict:
         raise SystemExit(f"llm-compressor's environment got torch {torch_version}, not 2.13.0+cpu: "
                          f"remove {venv} and check the pins")
     record = {"pins": list(PEER_PINS), "install_s": time.perf_counter() - t0,
-              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+              "date": _now()}
     record_file.write_text(json.dumps(record, indent=1))
     print(f"llm-compressor's environment made in {record['install_s']:.0f} s", flush=True)
     return record
 
 
-def run_peer(venv: Path, files: dict[str, Path], row: str, out: Path, threads: int) -> dict:
+def run_peer(venv: Path, files: dict[str, Path], row: str, out: Path, threads: int, commit: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                OMP_NUM_THREADS=str(threads))
     env.pop("PYTHONPATH", None)
     cmd = [str(_venv_python(venv)), str(WORKER), "--model", str(files["model"]), "--calib",
            str(files["calib"]), "--eval", str(files["eval"]), "--threads", str(threads),
-           "--out", str(out)] + ROWS[row][2]
+           "--out", str(out), *ROWS[row].peer_args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -114,7 +134,8 @@ def run_peer(venv: Path, files: dict[str, Path], row: str, out: Path, threads: i
         raise SystemExit(f"llm-compressor worker failed for row {row} (exit {proc.returncode}): "
                          + " ".join(shlex.quote(c) for c in cmd))
     result = json.loads(out.read_text())
-    result["process_s"] = wall
+    result.update(process_s=wall, date=_now(), commit=commit)  # date: when the row finished
+    out.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -151,6 +172,21 @@ def _commit() -> str:
     return head + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def _reuse(path: Path) -> dict:
+    """A row's result left by an earlier run (--resume), marked as such."""
+    result = json.loads(path.read_text())
+    if "date" not in result:  # written before results carried their date
+        mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
+        result["date"] = f"{mtime:%Y-%m-%d %H:%M} UTC (file time)"
+    result.setdefault("commit", "not recorded")
+    result["reused"] = True
+    return result
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _cpu() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -166,9 +202,9 @@ def _ppl(nlls) -> float:
     return math.exp(sum(nlls) / len(nlls))
 
 
-def _fmt_ppl(side: dict | None) -> str:
+def _fmt_ppl(side: dict | None, row: str | None = None) -> str:
     if side is None:
-        return "not run"
+        return "-" if row and ROWS[row].peer_args is None else "not run"
     if side["status"] != "ok":
         return "refused"
     return f"{_ppl(side['nlls']):.3f}"
@@ -188,7 +224,7 @@ def table(results: dict[str, dict]) -> str:
         ratio = "-"
         if ours and peer and ours.get("compile_s") and peer.get("oneshot_s"):
             ratio = f"{peer['oneshot_s'] / ours['compile_s']:.2f}x"
-        lines.append(f"| {ROWS[row][0]} | {_fmt_ppl(ours)} | {_fmt_ppl(peer)} | {_fmt_s(ours, 'compile_s')} | "
+        lines.append(f"| {ROWS[row].label} | {_fmt_ppl(ours)} | {_fmt_ppl(peer, row)} | {_fmt_s(ours, 'compile_s')} | "
                      f"{_fmt_s(peer, 'oneshot_s')} | {ratio} |")
     return "\n".join(lines)
 
@@ -201,7 +237,7 @@ def notes(results: dict[str, dict]) -> list[str]:
             if side and side["status"] != "ok":
                 listed = [ln.strip("- ").strip() for ln in side["error"].splitlines() if ln.startswith("  - ")]
                 where = f" ({len(listed)} layers listed, the first {listed[0]})" if listed else ""
-                out.append(f"- {ROWS[row][0]}, {name} refused{where}: ``{side['error'].splitlines()[0][:600]}``")
+                out.append(f"- {ROWS[row].label}, {name} refused{where}: ``{side['error'].splitlines()[0][:600]}``")
     fp = results.get("fp32", {})
     if fp.get("ours", {}).get("nlls") and fp.get("peer", {}).get("nlls"):
         a, b = fp["ours"]["nlls"], fp["peer"]["nlls"]
@@ -210,10 +246,15 @@ def notes(results: dict[str, dict]) -> list[str]:
                    f"(llm-compressor's environment), largest per-window NLL difference {worst:.2e}")
     for row, sides in results.items():
         ours, peer = sides.get("ours") or {}, sides.get("peer") or {}
-        if ours.get("compile_cpu_s") is not None or peer.get("oneshot_cpu_s") is not None:
-            out.append(f"- {ROWS[row][0]}: CPU seconds (all threads) qcompile {_fmt_s(ours, 'compile_cpu_s')}, "
-                       f"llm-compressor {_fmt_s(peer, 'oneshot_cpu_s')}; llm-compressor from process start "
-                       f"to the end of `oneshot` (imports, model load, calibration set) {_fmt_s(peer, 'total_s')} s")
+        parts = []
+        if ours.get("compile_cpu_s") is not None:
+            parts.append(f"qcompile compile {_fmt_s(ours, 'compile_cpu_s')} CPU s")
+        if peer.get("oneshot_cpu_s") is not None:
+            parts.append(f"llm-compressor `oneshot` {_fmt_s(peer, 'oneshot_cpu_s')} CPU s, and "
+                         f"{_fmt_s(peer, 'total_s')} s wall from its process start (imports, model load, "
+                         "calibration set) to the end of `oneshot`")
+        if parts:
+            out.append(f"- {ROWS[row].label}: " + "; ".join(parts))
     return out
 
 
@@ -234,7 +275,8 @@ def write_section(text: str, path: Path = ACCURACY) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=40, help="2048-token test windows (%(default)s)")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help=f"comma-separated, from {', '.join(ROWS)} (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in both processes (%(default)s)")
     ap.add_argument("--data", help="folder with wikitext2_valid.txt and wikitext2_test.txt "
                                    "(default: qcompile.data.default_data_dir())")
@@ -253,12 +295,13 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    command = "python bench/peer_gptq.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    started = dt.datetime.now(dt.timezone.utc)
+    command = ("python bench/peer_gptq.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+    started, commit = _now(), _commit()
 
     import torch
 
     import qcompile
+    import qcompile.passes  # noqa: F401 -- every pass module now, so one run uses one version of them
     from qcompile.evaluate import window_nlls
     from qcompile.formats import default_grid, symmetric_qmax
 
@@ -278,20 +321,20 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for row in rows:
-        label, group, _ = ROWS[row]
+        spec = ROWS[row]
         sides = results.setdefault(row, {})
         ours_file, peer_file = cache / f"{row}-{tag}-qcompile.json", cache / f"{row}-{tag}-peer.json"
         if not args.skip_ours:
             if args.resume and ours_file.is_file():
-                sides["ours"] = json.loads(ours_file.read_text())
+                sides["ours"] = _reuse(ours_file)
             else:
-                print(f"[{row}] qcompile: {label}", flush=True)
-                ours = {"status": "ok", "error": None, "compile_s": None}
-                if group is None:
+                print(f"[{row}] qcompile: {spec.label}", flush=True)
+                ours = {"status": "ok", "error": None, "compile_s": None, "commit": commit}
+                if spec.group is None:
                     target = model
                 else:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    target = qcompile.compile(model, passes=_ours_passes(group), calibration=calib)
+                    target = qcompile.compile(model, passes=_ours_passes(spec), calibration=calib)
                     ours["compile_s"] = time.perf_counter() - t0
                     ours["compile_cpu_s"] = time.process_time() - c0  # all threads of this process
                     ours["pass_s"] = {r.name: r.seconds for r in target.qcompile_report.records}
@@ -299,18 +342,19 @@ def main() -> None:
                           f"({ours['compile_cpu_s']:.1f} CPU s); per pass {ours['pass_s']}", flush=True)
                 ours["nlls"] = [float(x) for x in window_nlls(target, windows, desc=f"{row} qcompile")]
                 del target
+                ours["date"] = _now()  # when the row finished
                 ours_file.write_text(json.dumps(ours))
                 sides["ours"] = ours
             print(f"[{row}] qcompile perplexity {_fmt_ppl(sides['ours'])}", flush=True)
-        if not args.skip_peer:
+        if not args.skip_peer and spec.peer_args is not None:
             if args.resume and peer_file.is_file():
-                sides["peer"] = json.loads(peer_file.read_text())
+                sides["peer"] = _reuse(peer_file)
             else:
-                print(f"[{row}] llm-compressor: {label}", flush=True)
-                sides["peer"] = run_peer(venv, files, row, peer_file, args.threads)
+                print(f"[{row}] llm-compressor: {spec.label}", flush=True)
+                sides["peer"] = run_peer(venv, files, row, peer_file, args.threads, commit)
             peer = sides["peer"]
-            extra = (f", oneshot {peer['oneshot_s']:.1f} s ({peer['oneshot_cpu_s']:.1f} CPU s; "
-                     f"{peer['total_s']:.1f} s from process start)"
+            extra = (f", oneshot {_fmt_s(peer, 'oneshot_s')} s ({_fmt_s(peer, 'oneshot_cpu_s')} CPU s; "
+                     f"{_fmt_s(peer, 'total_s')} s from process start)"
                      if peer.get("oneshot_s") is not None else "")
             print(f"[{row}] llm-compressor perplexity {_fmt_ppl(peer)}{extra}"
                   + (f": {peer['error']}" if peer["status"] != "ok" else ""), flush=True)
@@ -321,9 +365,12 @@ def main() -> None:
     peer_versions = next((s["peer"]["versions"] for s in results.values() if s.get("peer")), None)
     import transformers
     lines = [table(results), ""] + notes(results) + [""]
-    lines.append(f"Command: `{command}`; started {started:%Y-%m-%d %H:%M} UTC; commit {_commit()}; "
+    reused = sorted({f"{side['date']}, commit {side['commit']}" for sides in results.values()
+                     for side in sides.values() if side.get("reused")})
+    lines.append(f"Command: `{command}`; started {started}; commit {commit}; "
                  f"{_cpu()}, {os.cpu_count()} CPUs, {args.threads} torch threads per process "
-                 "(shared with other jobs: the seconds are indicative).")
+                 "(shared with other jobs: the seconds are indicative)."
+                 + (f" Results reused from earlier runs (--resume), finished: {'; '.join(reused)}." if reused else ""))
     lines.append(f"Calibration: {calib.shape[0]} x {calib.shape[1]} WikiText-2 validation tokens (seed 0), "
                  f"the same tensor for both tools; evaluation: the first {windows.shape[0]} non-overlapping "
                  "2048-token windows of the test text, mean next-token NLL per window (qcompile's "
