@@ -81,10 +81,9 @@ class HessianAccumulator:
         if self.n == 0 and self.h.device != x2.device:
             self.h = self.h.to(x2.device)
         x2 = x2.to(self.h.device, self.h.dtype)
-        self.h *= self.n / (self.n + m)
+        # H <- n/(n+m) H + 2/(n+m) x^T x in one BLAS call (no scaled copy of the batch)
+        self.h.addmm_(x2.T, x2, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
         self.n += m
-        x2 = x2 * math.sqrt(2.0 / self.n)
-        self.h.addmm_(x2.T, x2)
 
 
 def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -171,7 +170,12 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: boo
 
 def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Dead columns (diag 0) -> unit diagonal and zero weight; dampen; the upper Cholesky factor
-    of H^-1, adding more dampening (with a warning) while H is not positive definite."""
+    of H^-1, adding more dampening (with a warning) while H is not positive definite.
+
+    The factor comes from one Cholesky and one triangular inverse, without forming H^-1: with J
+    the order reversal and J H J = M M^T (M lower), H^-1 = U^T U for U = J M^-1 J (upper). This
+    is the same factor as cholesky(cholesky_inverse(cholesky(H)), upper=True) to float rounding,
+    and 10-30x faster on the CPU, where ``torch.cholesky_inverse`` is slow."""
     h = h.clone()
     dead = torch.diag(h) == 0
     if dead.any():
@@ -184,11 +188,10 @@ def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[tor
     frac = damp
     for attempt in range(_MAX_DAMP_TRIES):
         amount = frac * max(diag_mean, 1e-12)
-        chol, info = torch.linalg.cholesky_ex(h + amount * eye)
+        chol, info = torch.linalg.cholesky_ex((h + amount * eye).flip(0, 1))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info2) == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 if attempt:
                     warnings.warn(f"GPTQ: the Hessian was not positive definite with dampening "
                                   f"{damp:g} x mean(diag H); used {frac:g} instead", RuntimeWarning,

@@ -220,3 +220,19 @@ def test_native_column_loop_equals_torch_loop_bit_for_bit(monkeypatch, kwargs):
     plain = gptq_quantize(w.float(), h.float(), **kwargs)
     assert torch.equal(native.q, plain.q) and torch.equal(native.scale, plain.scale)
     assert torch.equal(native.weight, plain.weight) and torch.equal(native.outlier_weight, plain.outlier_weight)
+
+
+@pytest.mark.parametrize("k", [1, 37, 200])
+def test_inverse_hessian_factor_equals_the_classic_construction(k):
+    """U^T U = H^-1 with U upper: the reversed-Cholesky factor equals chol(chol_inverse(chol(H)))."""
+    from qcompile.gptq_math import _prepare_hessian
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(3 * k + 5, k, generator=gen, dtype=torch.float64) * (torch.rand(k, generator=gen, dtype=torch.float64) + 0.1)
+    h = 2.0 / x.shape[0] * x.T @ x
+    upper, dead, amount = _prepare_hessian(h, torch.zeros(4, k, dtype=torch.float64), 0.01)
+    damped = h + amount * torch.eye(k, dtype=torch.float64)
+    classic = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(upper, upper.triu())
+    assert torch.allclose(upper, classic, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
+    assert not dead.any()
