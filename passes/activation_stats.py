@@ -9,6 +9,8 @@ import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
 from qcompile.graph_query import linear_sites
+from qcompile.layerwise import LayerwiseRunner
+from qcompile.param_store import store_of
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.progress import progress
 
@@ -118,11 +120,17 @@ class ActivationStats(Pass):
         per_input: dict[fx.Node, _Accumulator] = {}
         for s in sites:
             per_input.setdefault(s.input, _Accumulator(s.weight_tensor(gm).shape[1]))
-        recorder = _Recorder(gm, per_input)
         calib = ctx.calibration
-        with torch.no_grad():
-            for batch in progress(calib.batches(), "activation stats", total=calib.num_batches):
-                recorder.run(batch)
+        if store_of(gm) is not None:  # streamed weights: one layer group at a time, same values
+            runner = LayerwiseRunner(gm, calib)
+            observe = {x: acc.update for x, acc in per_input.items()}
+            for group in runner.groups:
+                runner.commit(group, observe)
+        else:
+            recorder = _Recorder(gm, per_input)
+            with torch.no_grad():
+                for batch in progress(calib.batches(), "activation stats", total=calib.num_batches):
+                    recorder.run(batch)
         done = {x: acc.result() for x, acc in per_input.items()}
         result = ActivationStatsResult({s.module: done[s.input] for s in sites})
         worst = max(result.items(), key=lambda kv: float(kv[1].absmax.max()), default=None)

@@ -439,7 +439,7 @@ def _aliased_tensors(gm: fx.GraphModule) -> dict[str, str]:
     by_ptr: dict[tuple[int, int], list[str]] = {}
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
             gm.named_buffers(remove_duplicate=False)):
-        if t.numel() == 0:
+        if t.numel() == 0 or t.is_meta:  # a streamed layer not in memory: no storage to share
             continue
         by_ptr.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), []).append(name)
     out: dict[str, str] = {}

@@ -32,6 +32,7 @@ from qcompile.formats import RoundedWeights, check_grid, default_grid
 from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
+from qcompile.param_store import offload
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, selected
 
@@ -232,13 +233,13 @@ class GPTQ(Pass):
             rtn = _rtn_like(w, res, part, bits, symmetric, clip, grid)
             err, rtn_err = layer_error(w, w_hat, h), layer_error(w, rtn, h)
             on_w = dict(device=w.device)
-            records[s.module] = GPTQRecord(
+            records[s.module] = offload(gm, GPTQRecord(
                 q=res.q[part].to(**on_w).contiguous(), scale=res.scale[part].to(**on_w).contiguous(),
                 zero=None if res.zero is None else res.zero[part].to(**on_w).contiguous(), bits=bits,
                 group_size=res.group_size, symmetric=symmetric, quant_idx=res.quant_idx.to(**on_w),
                 outlier_idx=res.outlier_idx.to(**on_w),
                 outlier_weight=res.outlier_weight[part].to(**on_w).contiguous(),
-                error=err, rtn_error=rtn_err)
+                error=err, rtn_error=rtn_err))  # on disk until lowered, if streamed
             rows.append({"module": s.module, "shape": f"{n}x{k}", "bits": bits, "fp16 cols": keep,
                          "GPTQ error": float(f"{err:.4g}"), "RTN error": float(f"{rtn_err:.4g}"),
                          "GPTQ/RTN": round(err / max(rtn_err, 1e-30), 3)})

@@ -28,6 +28,7 @@ from qcompile.formats import (LinearSpec, LoweredScheme, PerRow, PerTensor, PerT
                               granularity_from, scheme_for)
 from qcompile.analysis import AnalysisResult
 from qcompile.graph_query import LinearSite, get_tensor, linear_sites
+from qcompile.param_store import offload
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, selected
 
@@ -134,7 +135,7 @@ class QuantizeLinears(Pass):
                 skipped.append(site.module)
                 continue
             scheme = self.scheme_for(site.module)
-            float_weights[site.module] = site.weight_tensor(gm).detach()
+            float_weights[site.module] = offload(gm, site.weight_tensor(gm).detach())  # on disk if streamed
             st = stats.get(site.module)
             rows.append(_lower(gm, site, scheme, clips.get(site.module), gptq.get(site.module),
                                None if st is None else st.absmax, outlier_sets.get(site.module)))

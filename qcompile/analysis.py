@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterator, Mapping, TypeVar
 
+from qcompile.param_store import Offloaded
+
 __all__ = ["AnalysisResult"]
 
 V = TypeVar("V")
@@ -28,7 +30,9 @@ class AnalysisResult(Mapping[str, V]):
         self._values: dict[str, V] = dict(values or {})
 
     def __getitem__(self, key: str) -> V:
-        return self._values[key]
+        value = self._values[key]
+        # a streamed compile keeps large values (float weights, GPTQ's integers) on disk
+        return value.load() if isinstance(value, Offloaded) else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile.frontend import module_name_of
+from qcompile.param_store import materialize
 
 __all__ = [
     "to_networkx", "LinearSite", "NormSite", "NormAffine", "ProducerPair", "linear_sites", "norm_sites",
@@ -66,8 +67,10 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
 # ---------------------------------------------------------------- tensors by name
 
 def get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
+    """The parameter/buffer at ``target``; a streamed module's layer is read in first
+    (``qcompile.param_store``)."""
     mod_name, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(mod_name) if mod_name else gm, attr)
+    return materialize(gm, target, getattr(gm.get_submodule(mod_name) if mod_name else gm, attr))
 
 
 def set_tensor(gm: nn.Module, target: str, value: torch.Tensor, *, parameter: bool | None = None) -> None:

@@ -19,6 +19,9 @@ directory, one safetensors file per batch, and only the batch being run is in me
 each commit the C allocator is asked to return freed pages to the system (glibc ``malloc_trim``),
 so that the many per-batch temporaries do not leave the process's resident size growing with
 the number of batches.
+
+On a streamed module (``qcompile.param_store``) each group's weights are read in when the group
+first runs and written out when the next group starts: one decoder layer is in memory at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from qcompile.calibrate import CalibrationSet
 from qcompile.graph_query import layer_partition
+from qcompile.param_store import store_of
 from qcompile.progress import progress
 
 __all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples", "release_free_memory",
@@ -83,6 +87,7 @@ class LayerwiseRunner:
                 for inp in n.all_input_nodes:
                     self._last_use[inp] = len(self.groups)
         self._where = where
+        self.store = store_of(gm)
         self._interp = fx.Interpreter(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -159,12 +164,14 @@ class LayerwiseRunner:
             self._eval(group.nodes, dict(self._env(i)), observe, stop)
 
     @torch.no_grad()
-    def commit(self, group: LayerGroup) -> None:
-        """Run ``group`` with the current weights and keep what later groups read."""
+    def commit(self, group: LayerGroup,
+               observe: Mapping[fx.Node, Callable[[torch.Tensor], None]] | None = None) -> None:
+        """Run ``group`` with the current weights and keep what later groups read, calling
+        ``observe[node](value)`` on the way."""
         self._check_next(group)
         for i in range(len(self._envs)):
             env = self._env(i)
-            self._eval(group.nodes, env, None, None)
+            self._eval(group.nodes, env, observe, None)
             self._store(i, env, group)
         self._committed = self._order[group.name]
         release_free_memory()
@@ -231,6 +238,8 @@ class LayerwiseRunner:
         if k != self._committed + 1:
             raise RuntimeError(f"layer group {group.name!r} run out of order: commit the groups "
                                "before it first")
+        if self.store is not None:  # a streamed module: this group's weights in, the last one's out
+            self.store.activate(group.name)
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -254,6 +263,9 @@ def release_free_memory() -> None:
 
 def graph_device(gm: fx.GraphModule) -> torch.device:
     """Where the graph's weights are (its first parameter or buffer; CPU when it has none)."""
+    store = store_of(gm)
+    if store is not None:
+        return store.device
     for t in (*gm.parameters(), *gm.buffers()):
         return t.device
     return torch.device("cpu")

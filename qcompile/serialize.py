@@ -71,6 +71,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qcompile import atomic_dir
+from qcompile.checkpoint import write_safetensors
 from qcompile.formats import float_storage_names, lowered_op_names
 
 __all__ = ["save", "load", "read_manifest", "round_floats", "SerializationError", "FORMAT_VERSION"]
@@ -524,7 +525,8 @@ def _sha256(path: Path) -> str:
 
 
 def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = None,
-         float_dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+         float_dtype: torch.dtype | None = None, overwrite: bool = False,
+         read: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
     """Write ``gm`` to ``directory`` (crash-safe: ``directory`` is always the old model or the new one).
 
     ``float_dtype``: store float parameters (embeddings, norms, lm_head, biases) and the
@@ -532,6 +534,8 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
     ``torch.float16``) and cast them back on load; integer tensors and other float buffers (rotary
     frequencies) are stored as they are. ``None`` keeps every tensor exact. Call
     ``round_floats(gm, float_dtype)`` first to make the in-memory model equal the loaded one.
+    ``read(name, meta_tensor)``: where a streamed module's meta tensors are (``qcompile.streaming``);
+    they are read one at a time while the file is written.
     """
     target = Path(directory)
     if atomic_dir.current(target) is not None and not overwrite:
@@ -550,7 +554,8 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
         t = named[name].detach()
         if t.dtype not in _DTYPE_NAMES:
             raise SerializationError(f"cannot save tensor {name!r} of dtype {t.dtype}")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        key = (("meta", name) if t.is_meta else
+               (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
         entry = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "parameter": name in params}
         if key in by_storage:  # tied tensors (lm_head / embedding) are stored once
             entry["alias_of"] = by_storage[key]
@@ -558,7 +563,10 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
             by_storage[key] = name
             rounded = float_dtype is not None and t.is_floating_point() and _storage_rounded(name, params)
             stored = t.to(float_dtype) if rounded else t
-            tensors[name] = stored.contiguous().cpu()
+            if t.is_meta and read is None:
+                raise SerializationError(f"tensor {name!r} has no data (meta device): save a streamed "
+                                         "compile with qcompile.streaming.save")
+            tensors[name] = stored if t.is_meta else stored.contiguous().cpu()
             entry["stored_dtype"] = _DTYPE_NAMES[stored.dtype]
         entries[name] = entry
     source = gm.meta.get("qcompile_source", {}) if hasattr(gm, "meta") else {}
@@ -573,7 +581,12 @@ def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = N
     _check_manifest(manifest, target)  # never write what load would refuse
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / TENSORS))
+        if any(t.is_meta for t in tensors.values()):
+            def value(name: str, t: torch.Tensor) -> torch.Tensor:
+                return read(name, named[name]).to(t.dtype) if t.is_meta else t  # type: ignore[misc]
+            write_safetensors(tmp / TENSORS, tensors, value)
+        else:
+            save_file(tensors, str(tmp / TENSORS))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         manifest["files"] = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*"))

@@ -1,0 +1,230 @@
+"""A parameter store: the decoder layers' tensors of a GraphModule live on disk, one layer in memory.
+
+A streamed compile (``qcompile.streaming``) builds the model on the meta device and traces it
+there, so every tensor of the graph module has a shape and a dtype but no data. The store gives
+the tensors of one decoder layer data at a time:
+
+* ``activate(group)`` makes the tensors of that layer group (``"layer.3"``) real: each meta tensor
+  is read from the spill directory (where an earlier release wrote it) or else from the
+  ``source`` (the checkpoint). The layer that was active before is released first.
+* ``release`` writes every tensor of the layer that changed since it was read (a new object, or
+  one changed in place: its version counter moved) to the spill directory, one safetensors file
+  per tensor, and puts a meta tensor of the same shape and dtype in its place.
+
+Everything outside the decoder layers (embeddings, final norm, lm_head, rotary buffers) stays in
+memory. Tensors that appear under a layer's module path later (a lowered linear's integers, a
+bias added by bias correction) belong to that layer and are released with it.
+
+Callers reach a meta tensor's data through ``materialize(gm, target)`` (``graph_query.get_tensor``
+does), so passes that walk the whole graph touch one layer at a time without knowing about the
+store; the layer-wise runner activates each group before it runs it. ``offload`` moves a large
+analysis value (a float weight, GPTQ's integers) to disk until it is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["ParameterStore", "store_of", "materialize", "offload", "Offloaded", "STORE_KEY"]
+
+STORE_KEY = "qcompile_param_store"
+
+
+def store_of(gm: nn.Module) -> "ParameterStore | None":
+    """The store attached to ``gm`` (None for an ordinary, fully materialized module)."""
+    meta = getattr(gm, "meta", None)
+    return meta.get(STORE_KEY) if isinstance(meta, dict) else None
+
+
+def materialize(gm: nn.Module, target: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (the tensor at ``target``), made real through ``gm``'s store when it is a meta
+    tensor of a streamed module; unchanged otherwise."""
+    if not value.is_meta:
+        return value
+    store = store_of(gm)
+    return value if store is None else store.fetch(target)
+
+
+def offload(gm: nn.Module, value: Any) -> Any:
+    """``value`` kept on disk until read (an ``Offloaded``) when ``gm`` is streamed; else itself."""
+    store = store_of(gm)
+    return value if store is None else store.offload(value)
+
+
+class ParameterStore:
+    """Keeps at most one decoder layer's tensors of ``gm`` in memory (see the module docstring).
+
+    ``layers``: group name (``"layer.0"``) -> module path prefix owning its tensors
+    (``"model.layers.0"``). ``source(name)``: the original tensor called ``name``. ``device``:
+    where an active layer's tensors live (calibration and GPTQ run there).
+    """
+
+    def __init__(self, gm: fx.GraphModule, layers: dict[str, str],
+                 source: Callable[[str], torch.Tensor], spill_dir: str | Path | None = None,
+                 device: torch.device | str = "cpu"):
+        self.gm = gm
+        self.device = torch.device(device)
+        self.layers = dict(layers)
+        self.source = source
+        if spill_dir is None:
+            spill_dir = tempfile.mkdtemp(prefix="qcompile-store-")
+            weakref.finalize(self, shutil.rmtree, spill_dir, True)
+        self.spill_dir = Path(spill_dir)
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.active: str | None = None
+        self._read: dict[str, tuple[int, int]] = {}  # name -> (id, version) when it was read
+        self._spilled: set[str] = set()
+        self._offloaded = 0
+        self.loads = 0  # how many times a layer was made real (for tests and progress)
+        self.peak_layer_bytes = 0
+
+    # ------------------------------------------------------------ which layer owns a tensor
+
+    def group_of(self, name: str) -> str | None:
+        """The layer group whose module path holds tensor ``name`` (None: always in memory)."""
+        for group, prefix in self.layers.items():
+            if name.startswith(prefix + "."):
+                return group
+        return None
+
+    def _tensors(self, group: str) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+        prefix = self.layers[group]
+        root = self.gm.get_submodule(prefix)
+        for mod_name, mod in root.named_modules(prefix=prefix):
+            for table in (mod._parameters, mod._buffers):
+                for attr, t in list(table.items()):
+                    if t is not None:
+                        yield f"{mod_name}.{attr}", mod, attr, t
+
+    # ------------------------------------------------------------ activate / release
+
+    def fetch(self, name: str) -> torch.Tensor:
+        """The real tensor at ``name``, activating its layer if needed."""
+        group = self.group_of(name)
+        if group is None:
+            raise KeyError(f"{name} is a meta tensor outside every decoder layer; the streamed "
+                           "model should hold it in memory (was it missing from the checkpoint?)")
+        self.activate(group)
+        mod_name, _, attr = name.rpartition(".")
+        return getattr(self.gm.get_submodule(mod_name), attr)
+
+    def activate(self, group: str | None) -> None:
+        """Make ``group``'s tensors real (releasing the active layer); None or a group outside the
+        decoder layers (prefix, suffix) only releases."""
+        if group == self.active:
+            return
+        self.release()
+        if group not in self.layers:
+            return
+        total = 0
+        for name, mod, attr, t in self._tensors(group):
+            if t.is_meta:
+                value = self._read_tensor(name, t)
+                _put(mod, attr, value)
+                self._read[name] = (id(getattr(mod, attr)), getattr(mod, attr)._version)
+            total += t.numel() * t.element_size()
+        self.active = group
+        self.loads += 1
+        self.peak_layer_bytes = max(self.peak_layer_bytes, total)
+
+    def release(self) -> None:
+        """Write the active layer's changed tensors to the spill directory and drop their data.
+
+        Any real tensor found under another layer's path (set while that layer was released) is
+        written and dropped too."""
+        for group in self.layers:
+            for name, mod, attr, t in self._tensors(group):
+                if t.is_meta:
+                    continue
+                if self._read.get(name) != (id(t), t._version):
+                    save_file({"t": t.detach().contiguous().cpu()}, str(self._path(name)))
+                    self._spilled.add(name)
+                self._read.pop(name, None)
+                _put(mod, attr, torch.empty_like(t, device="meta"))
+        self.active = None
+
+    def read_all(self) -> None:
+        """Read every layer's tensors into memory (small models, tests); the store then holds none."""
+        self.release()
+        for group in self.layers:
+            for name, mod, attr, t in self._tensors(group):
+                if t.is_meta:
+                    _put(mod, attr, self._read_tensor(name, t))
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` as last written (spill) or as in the source, without activating anything."""
+        return self._read_tensor(name, like)
+
+    def _read_tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        value = load_file(str(self._path(name)))["t"] if name in self._spilled else self.source(name)
+        if value.shape != like.shape or value.dtype != like.dtype:
+            raise ValueError(f"tensor {name}: the checkpoint holds {value.dtype}{list(value.shape)}, the "
+                             f"model expects {like.dtype}{list(like.shape)}; is config.json the one "
+                             "written with these weights?")
+        return value.to(self.device)
+
+    def _path(self, name: str) -> Path:
+        return self.spill_dir / f"{name}.safetensors"
+
+    # ------------------------------------------------------------ analyses kept on disk
+
+    def offload(self, value: Any) -> "Offloaded":
+        """Write ``value`` (a tensor, or a dataclass with tensor fields) to disk; see ``Offloaded``."""
+        self._offloaded += 1
+        return Offloaded.write(value, self.spill_dir / "analyses" / f"{self._offloaded}.safetensors")
+
+
+class Offloaded:
+    """A tensor, or a dataclass whose tensor fields are on disk, read back by ``load()``
+    (``AnalysisResult`` does that on every lookup)."""
+
+    def __init__(self, path: Path, skeleton: Any, fields: tuple[str, ...]):
+        self.path = path
+        self.skeleton = skeleton
+        self.fields = fields
+
+    @classmethod
+    def write(cls, value: Any, path: Path) -> "Offloaded":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(value, torch.Tensor):
+            save_file({"": value.detach().contiguous().cpu()}, str(path))
+            return cls(path, value.device, ())
+        if not dataclasses.is_dataclass(value):
+            raise TypeError(f"cannot offload a {type(value).__name__}: give a tensor or a dataclass")
+        tensors = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+                   if isinstance(getattr(value, f.name), torch.Tensor)}
+        skeleton = copy.copy(value)
+        for name in tensors:
+            object.__setattr__(skeleton, name, None)
+        save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path))
+        devices = {k: t.device for k, t in tensors.items()}
+        return cls(path, (skeleton, devices), tuple(tensors))
+
+    def load(self) -> Any:
+        data = load_file(str(self.path))
+        if not self.fields and "" in data:
+            return data[""].to(self.skeleton)
+        skeleton, devices = self.skeleton
+        out = copy.copy(skeleton)
+        for name in self.fields:
+            object.__setattr__(out, name, data[name].to(devices[name]))
+        return out
+
+
+def _put(mod: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Replace ``mod.attr`` keeping its kind (parameter or buffer)."""
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value

@@ -1,0 +1,226 @@
+"""Compile a checkpoint bigger than memory: weights stream from the shards one decoder layer at a time.
+
+    gm = qcompile.streaming.compile_checkpoint("ckpt/", recipe.passes(), calibration=windows)
+    qcompile.streaming.save(gm, "out/", tokenizer=tok)
+
+The model is built on the meta device from ``config.json`` and traced there (``skeleton``,
+``open_checkpoint``): the graph is the one the in-memory compile traces, and every tensor has a
+shape and a dtype but no data. The tensors outside the decoder layers (embeddings, final norm,
+lm_head, rotary frequencies) are read at once; the decoder layers' tensors go through a
+``qcompile.param_store.ParameterStore`` that reads one layer from the checkpoint (or from its
+spill directory, once a pass changed it), and writes it back and drops it when a pass moves to
+the next layer. The pipeline stays pass-major, exactly as ``qcompile.compile`` runs it, so the
+compiled tensors are the in-memory compile's bit for bit on the same calibration windows; only
+the order of reads and writes changes. Peak memory is about one decoder layer, the resident
+tensors and the calibration activations (spilled past ``QCOMPILE_LAYERWISE_CACHE_MB``).
+
+Saving (``save``) writes qcompile's format with the tensors read back one at a time from the
+spill directory (``qcompile.serialize.save`` with a tensor reader).
+
+What differs from ``compile``: the report's "changed" column comes from the graph's text and the
+pass's own flag (fingerprinting every tensor would read the whole model after every pass), and
+no probe is run (it would run the whole model).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.calibrate import as_calibration
+from qcompile.checkpoint import Checkpoint, CheckpointError
+from qcompile.frontend import trace
+from qcompile.graph_query import layer_partition
+from qcompile.instruments import CompileReport, Instrument, PassRecord
+from qcompile.param_store import STORE_KEY, ParameterStore, store_of
+from qcompile.pass_manager import CompileContext, PassManager
+
+__all__ = ["skeleton", "open_checkpoint", "compile_checkpoint", "save", "estimated_bytes", "CheckpointError"]
+
+
+def skeleton(path: str | os.PathLike) -> nn.Module:
+    """The checkpoint's model built from its ``config.json`` with parameters on the meta device
+    (buffers computed at construction, like rotary frequencies, are real: they are not saved)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"could not read the model config in {path}: {err}") from err
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def layer_prefixes(gm: fx.GraphModule) -> dict[str, str]:
+    """Each decoder-layer group of the graph (``"layer.3"``) -> the module path holding its tensors
+    (``"model.layers.3"``): the longest module path common to the tensors its nodes read."""
+    out: dict[str, str] = {}
+    for name, nodes in layer_partition(gm).items():
+        if not name.startswith("layer."):
+            continue
+        targets = sorted({str(i.target) for n in nodes for i in n.all_input_nodes if i.op == "get_attr"})
+        if not targets:
+            continue
+        paths = [t.split(".")[:-1] for t in targets]
+        common = paths[0]
+        for p in paths[1:]:
+            k = 0
+            while k < min(len(common), len(p)) and common[k] == p[k]:
+                k += 1
+            common = common[:k]
+        if not common:
+            raise CheckpointError(f"decoder layer {name} reads tensors under no common module path "
+                                  f"({targets[0]}, {targets[-1]}); it cannot be streamed")
+        out[name] = ".".join(common)
+    return out
+
+
+def open_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+                    spill_dir: str | os.PathLike | None = None,
+                    example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
+    """The checkpoint's traced graph with its decoder layers' tensors in a ``ParameterStore``
+    (``gm.meta[STORE_KEY]``) and everything else read into memory on ``device``."""
+    ckpt = Checkpoint(path)
+    model = skeleton(path)
+    gm = trace(model, example_inputs)
+    _retarget(gm, torch.device(device))
+    names = _checkpoint_names(model, ckpt)
+    store = ParameterStore(gm, layer_prefixes(gm), lambda name: ckpt.read(names.get(name, name)),
+                           spill_dir, device)
+    gm.meta[STORE_KEY] = store
+    _read_resident(gm, store, ckpt, names, torch.device(device))
+    gm.meta["qcompile_checkpoint"] = {"path": str(path), "bytes": ckpt.nbytes()}
+    return gm
+
+
+def _retarget(gm: fx.GraphModule, device: torch.device) -> None:
+    """Replace the meta device the trace baked into the graph (``arange(..., device=meta)``,
+    metadata checks) by ``device``: the graph then equals one traced on ``device``."""
+    def swap(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a.type == "meta" else a
+
+    for node in gm.graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+    gm.recompile()
+
+
+def _checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Model tensor name -> the checkpoint's name for it (tied weights are saved once)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    out: dict[str, str] = {}
+    for names in by_id.values():
+        stored = [n for n in names if n in ckpt]
+        for n in names:
+            if stored:
+                out[n] = stored[0]
+    return out
+
+
+def _read_resident(gm: fx.GraphModule, store: ParameterStore, ckpt: Checkpoint, names: dict[str, str],
+                   device: torch.device) -> None:
+    """Read every meta tensor outside the decoder layers (tied tensors stay one tensor)."""
+    seen: dict[int, torch.Tensor] = {}
+    for table_name in ("_parameters", "_buffers"):
+        for mod_name, mod in gm.named_modules():
+            table = getattr(mod, table_name)
+            for attr, t in list(table.items()):
+                full = f"{mod_name}.{attr}" if mod_name else attr
+                if t is None or not t.is_meta or store.group_of(full) is not None:
+                    continue
+                if id(t) not in seen:
+                    name = names.get(full, full)
+                    if name not in ckpt:
+                        raise CheckpointError(f"the checkpoint {ckpt.path} has no tensor {name!r}, which the "
+                                              "model built from its config.json needs")
+                    value = ckpt.read(name).to(device)
+                    if value.shape != t.shape or value.dtype != t.dtype:
+                        raise CheckpointError(f"tensor {name}: the checkpoint holds {value.dtype}"
+                                              f"{list(value.shape)}, config.json implies {t.dtype}{list(t.shape)}")
+                    seen[id(t)] = nn.Parameter(value, requires_grad=False) if table_name == "_parameters" else value
+                table[attr] = seen[id(t)]
+
+
+def estimated_bytes(path: str | os.PathLike) -> int:
+    """What the in-memory compile needs at least: the checkpoint's tensors, plus a traced copy's
+    worth of working space (``compile`` keeps the model and its lowered twin)."""
+    return 2 * Checkpoint(path).nbytes()
+
+
+class _StreamReport(Instrument):
+    """The per-pass report of a streamed compile: time, notes, table; "changed" from the graph
+    text and the pass's own flag (fingerprinting the tensors would read the whole model)."""
+
+    def __init__(self, report: CompileReport):
+        self.report = report
+        self._t0 = 0.0
+        self._nodes = 0
+        self._text = ""
+
+    def before_pass(self, p: Any, gm: fx.GraphModule, ctx: Any) -> None:
+        self._nodes = len(gm.graph.nodes)
+        self._text = str(gm.graph)
+        self._t0 = time.perf_counter()
+
+    def after_pass(self, p: Any, gm: fx.GraphModule, ctx: Any, result: Any) -> None:
+        seconds = time.perf_counter() - self._t0
+        changed = bool(result.modified) or str(gm.graph) != self._text
+        self.report.records.append(PassRecord(p.name, str(getattr(p.kind, "value", p.kind)), seconds, changed,
+                                              self._nodes, len(gm.graph.nodes), None, None, list(result.notes),
+                                              list(result.table), {}))
+
+
+def compile_checkpoint(path: str | os.PathLike, passes: Iterable[Any] = (), *, calibration: Any = None,
+                       device: torch.device | str = "cpu", spill_dir: str | os.PathLike | None = None,
+                       calibration_batch_size: int = 1, instruments: Sequence[Any] = ()) -> fx.GraphModule:
+    """``qcompile.compile`` of the checkpoint at ``path`` with its weights streamed (module docstring).
+
+    Returns the compiled graph module, its decoder layers still in the store (``save`` writes it
+    out; ``materialized`` reads it all into memory)."""
+    manager = PassManager(passes, instruments, verify=False)
+    ctx = CompileContext(calibration=as_calibration(calibration, calibration_batch_size))
+    manager.check(ctx)  # a bad pipeline fails before the trace
+    gm = open_checkpoint(path, device=device, spill_dir=spill_dir)
+    report = CompileReport()
+    manager.instruments.insert(0, _StreamReport(report))
+    gm = manager.run(gm, ctx)
+    store_of(gm).release()  # type: ignore[union-attr]
+    ctx.analyses.pop("float_weights", None)  # on disk, and only passes inside one compile read it
+    gm.qcompile_report = report
+    gm.qcompile_analyses = ctx.analyses
+    gm.qcompile_passes = [repr(p) for p in manager.passes]
+    return gm
+
+
+def materialized(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with every streamed tensor read into memory and the store detached (small models,
+    tests)."""
+    store = store_of(gm)
+    if store is None:
+        return gm
+    store.read_all()
+    del gm.meta[STORE_KEY]
+    return gm
+
+
+def save(gm: fx.GraphModule, directory: str | os.PathLike, *, tokenizer: Any = None,
+         float_dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write a streamed compile's result in qcompile's format, reading its tensors one at a time."""
+    from qcompile import serialize
+
+    store = store_of(gm)
+    if store is None:
+        return serialize.save(gm, directory, tokenizer=tokenizer, float_dtype=float_dtype, overwrite=overwrite)
+    store.release()
+    return serialize.save(gm, directory, tokenizer=tokenizer, float_dtype=float_dtype, overwrite=overwrite,
+                          read=store.read)

@@ -1,0 +1,171 @@
+"""Streamed compile of a checkpoint directory: the same compiled tensors as the in-memory compile,
+one decoder layer in memory at a time, and clear errors for incomplete checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import qcompile
+from qcompile import recipes, streaming
+from qcompile.checkpoint import Checkpoint, CheckpointError
+from qcompile.param_store import store_of
+from models_for_tests import tiny_llama
+
+RECIPES = ["rtn-w8a8", "aweq-w8a8", "gptq-w4a16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The same random 3-layer LLaMA saved as one file and as shards with an index."""
+    model = tiny_llama(layers=3)
+    root = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="100KB")
+    assert (root / "sharded" / "model.safetensors.index.json").is_file()
+    assert not (root / "single" / "model.safetensors.index.json").exists()
+    return {"single": root / "single", "sharded": root / "sharded"}
+
+
+@pytest.fixture(scope="module")
+def calib() -> torch.Tensor:
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def in_memory(checkpoints, calib, tmp_path_factory) -> dict[str, Path]:
+    """Each recipe compiled the ordinary way (the whole model in memory) and saved."""
+    out = {}
+    for name in RECIPES:
+        model = AutoModelForCausalLM.from_pretrained(checkpoints["single"]).eval()
+        gm = qcompile.compile(model, recipes.get(name).passes(), calibration=calib, inplace=True)
+        out[name] = qcompile.save(gm, tmp_path_factory.mktemp("mem") / name)
+    return out
+
+
+def _saved(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    manifest = json.loads((path / "qcompile.json").read_text())
+    return load_file(path / "tensors.safetensors"), manifest
+
+
+def _canonical(graph: list[dict], drop_contiguous: bool = False) -> list[dict]:
+    """The saved graph with nodes named by position, optionally without ``aten.contiguous`` nodes
+    (their users read their input instead).
+
+    Traced on the meta device, attention's ``transpose(1, 2).contiguous()`` is a node: the meta
+    SDPA returns a contiguous output, the CPU kernel one whose transpose already is contiguous,
+    so the CPU trace records nothing (and numbers its other nodes differently). The values are the
+    same either way."""
+    alias: dict[str, str] = {}
+    kept = []
+    for node in graph:
+        if drop_contiguous and node.get("target") == {"op": "aten::contiguous.default"}:
+            alias[node["name"]] = alias.get(node["args"][0]["node"], node["args"][0]["node"])
+        else:
+            kept.append(node)
+    names = {n["name"]: f"n{i}" for i, n in enumerate(kept)}
+
+    def rename(x):
+        if isinstance(x, dict):
+            if set(x) == {"node"}:
+                return {"node": names[alias.get(x["node"], x["node"])]}
+            return {k: rename(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rename(v) for v in x]
+        return x
+
+    return [{**rename(n), "name": names[n["name"]]} for n in kept]
+
+
+@pytest.mark.parametrize("kind", ["single", "sharded"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_streamed_compile_equals_in_memory(recipe, kind, checkpoints, calib, in_memory, tmp_path):
+    gm = streaming.compile_checkpoint(checkpoints[kind], recipes.get(recipe).passes(), calibration=calib)
+    store = store_of(gm)
+    assert store is not None and len(store.layers) == 3
+    # nothing of a decoder layer is in memory once the compile returns
+    assert all(t.is_meta for n, t in gm.named_parameters() if store.group_of(n))
+    streaming.save(gm, tmp_path / "out")
+    got, got_manifest = _saved(tmp_path / "out")
+    want, want_manifest = _saved(in_memory[recipe])
+    assert sorted(got) == sorted(want)
+    for name in want:  # every tensor, bit for bit
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert _canonical(got_manifest["graph"], drop_contiguous=True) == _canonical(want_manifest["graph"])
+    assert got_manifest["tensors"] == want_manifest["tensors"]
+    loaded = qcompile.load(tmp_path / "out")
+    assert torch.equal(loaded(calib[:2]), qcompile.load(in_memory[recipe])(calib[:2]))
+
+
+def test_one_decoder_layer_in_memory_at_a_time(checkpoints, calib, monkeypatch):
+    seen: list[int] = []
+    real = streaming.ParameterStore.activate
+
+    def activate(self, group):
+        real(self, group)
+        resident = {self.group_of(n) for n, t in [*self.gm.named_parameters(), *self.gm.named_buffers()]
+                    if not t.is_meta}
+        seen.append(len(resident - {None}))
+
+    monkeypatch.setattr(streaming.ParameterStore, "activate", activate)
+    gm = streaming.compile_checkpoint(checkpoints["sharded"], recipes.get("aweq-w8a8").passes(), calibration=calib)
+    assert seen and max(seen) == 1
+    one_layer = sum(t.numel() * t.element_size() for n, t in tiny_llama(layers=3).named_parameters()
+                    if n.startswith("model.layers.0."))
+    assert store_of(gm).peak_layer_bytes <= 1.25 * one_layer  # the lowered tensors are smaller
+
+
+def test_checkpoint_reads_every_shard_tensor(checkpoints):
+    ckpt = Checkpoint(checkpoints["sharded"])
+    shards = sorted(checkpoints["sharded"].glob("*.safetensors"))
+    assert len(shards) > 1
+    expected = {k: v for f in shards for k, v in load_file(f).items()}
+    assert sorted(ckpt.names()) == sorted(expected)
+    for name, t in expected.items():
+        assert torch.equal(ckpt.read(name), t)
+    assert ckpt.nbytes() == sum(f.stat().st_size for f in shards)
+
+
+def test_missing_shard_is_named(checkpoints, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in checkpoints["sharded"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    victim = sorted(broken.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        Checkpoint(broken)
+
+
+def test_checkpoint_without_safetensors(tmp_path, checkpoints):
+    (tmp_path / "config.json").write_text((checkpoints["single"] / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no safetensors.*pytorch_model.bin.*safe_serialization"):
+        Checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Checkpoint(tmp_path / "nowhere")
+
+
+def test_wrong_shape_in_checkpoint_is_named(checkpoints, tmp_path, calib):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((checkpoints["single"] / "config.json").read_text())
+    tensors = load_file(checkpoints["single"] / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(qcompile.PassError, match=f"{name}.*config.json"):
+        streaming.compile_checkpoint(bad, recipes.get("rtn-w8a8").passes(), calibration=calib)
