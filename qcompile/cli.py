@@ -96,6 +96,74 @@ def _compile(args, with_report: bool):
     return gm, tok, seconds
 
 
+def _streams(args) -> bool:
+    """Whether ``compile`` streams the checkpoint: on ``--stream``, or when the in-memory compile
+    would need more than ``--max-memory`` (default: the memory available now)."""
+    from qcompile import streaming
+    path = Path(args.model).expanduser()
+    if not path.is_dir():
+        if args.stream:
+            raise CLIError(f"--stream needs a Hugging Face checkpoint directory with safetensors weights; "
+                           f"{args.model} is not one")
+        return False
+    if args.stream:
+        return True
+    try:
+        need = streaming.estimated_bytes(path)
+    except streaming.CheckpointError:
+        return False  # not streamable (e.g. .bin weights): the ordinary loader says what is wrong
+    limit = args.max_memory if args.max_memory is not None else _available_memory()
+    return limit is not None and need > limit
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _size(text: str) -> int:
+    """'24GB', '512MiB', '1e9' -> bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        return int(float(t[:-1] if unit else t) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 24GB, 512MB)") from None
+
+
+def _compile_streamed(args):
+    """``_compile`` for a checkpoint directory, its weights streamed layer by layer."""
+    import qcompile
+    from qcompile import streaming
+    from transformers import AutoTokenizer
+
+    recipe = _recipe(args.recipe)
+    text = _text(args.calib, DEFAULT_CALIB, "calib file")
+    device = _device(args.device)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+    except Exception as err:  # noqa: BLE001
+        raise CLIError(f"could not load the tokenizer of {args.model}: {err}") from err
+    calib = _calibration(args, tok, text)
+    t0 = time.perf_counter()
+    try:
+        gm = streaming.compile_checkpoint(args.model, recipe.passes(), calibration=calib, device=device)
+    except streaming.CheckpointError as err:
+        raise CLIError(str(err)) from err
+    except (qcompile.PassError, qcompile.PipelineError, qcompile.TraceError) as err:
+        raise CLIError(str(err)) from err
+    gm.meta["qcompile_recipe"] = recipe.to_dict()
+    gm.meta["qcompile_model_ref"] = args.model
+    return gm, tok, time.perf_counter() - t0
+
+
 def _device(name: str):
     """The torch device for ``--device``; a CLIError when it is not there."""
     import torch
@@ -118,16 +186,19 @@ def cmd_compile(args) -> None:
     out = Path(args.out) if args.out else None
     if out and out.exists() and not args.force:
         raise CLIError(f"{out} already exists; pass --force to replace it")
-    gm, tok, seconds = _compile(args, with_report=True)
+    streamed = _streams(args)
+    gm, tok, seconds = _compile_streamed(args) if streamed else _compile(args, with_report=True)
     print(gm.qcompile_report)
-    print(f"\ncompiled {args.model} with {args.recipe} in {seconds:.1f}s")
+    print(f"\ncompiled {args.model} with {args.recipe} in {seconds:.1f}s"
+          + (" (streamed layer by layer)" if streamed else ""))
     if out:
         import torch
+        from qcompile import streaming
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.float_dtype]
-        if dtype is not None:  # the saved model is what this process holds: load(out) gives equal outputs
+        if dtype is not None and not streamed:  # the saved model is what this process holds
             qcompile.serialize.round_floats(gm, dtype)
         try:
-            qcompile.save(gm, out, tokenizer=tok, float_dtype=dtype, overwrite=args.force)
+            streaming.save(gm, out, tokenizer=tok, float_dtype=dtype, overwrite=args.force)
         except qcompile.SerializationError as err:
             raise CLIError(str(err)) from err
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -402,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_args(p)
     p.add_argument("--out", help="directory to save the compiled model to")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--stream", action="store_true",
+                   help="read the checkpoint's weights one decoder layer at a time (models bigger than memory)")
+    p.add_argument("--max-memory", type=_size, metavar="SIZE",
+                   help="stream when the in-memory compile would need more (default: the memory available)")
     p.add_argument("--float-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="storage of unquantized tensors (embeddings, norms, lm_head, outliers)")
     p.set_defaults(func=cmd_compile)

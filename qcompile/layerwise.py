@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from qcompile.calibrate import CalibrationSet
 from qcompile.graph_query import layer_partition
 from qcompile.param_store import store_of
-from qcompile.progress import progress
+from qcompile.progress import LayerProgress, progress
 
 __all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples", "release_free_memory",
            "graph_device"]
@@ -88,6 +88,8 @@ class LayerwiseRunner:
                     self._last_use[inp] = len(self.groups)
         self._where = where
         self.store = store_of(gm)
+        self._layer_bar: LayerProgress | None = None  # "layer i/N, memory in use"
+        self._shown: str | None = None
         self._interp = fx.Interpreter(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -240,6 +242,22 @@ class LayerwiseRunner:
                                "before it first")
         if self.store is not None:  # a streamed module: this group's weights in, the last one's out
             self.store.activate(group.name)
+        self._show(group)
+
+    def _show(self, group: LayerGroup) -> None:
+        """The layers bar: which layer runs, and the memory in use; closed after the last layer."""
+        if group.name == self._shown:
+            return
+        self._shown = group.name
+        layers = [g for g in self.groups if g.index is not None]
+        if group.index is None:
+            if self._layer_bar is not None and group.name == "suffix":
+                self._layer_bar.close()
+            return
+        if self._layer_bar is None:
+            self._layer_bar = LayerProgress(len(layers))
+            weakref.finalize(self, self._layer_bar.close)
+        self._layer_bar.enter(layers.index(group))
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

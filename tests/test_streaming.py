@@ -169,3 +169,57 @@ def test_wrong_shape_in_checkpoint_is_named(checkpoints, tmp_path, calib):
     save_file(tensors, bad / "model.safetensors")
     with pytest.raises(qcompile.PassError, match=f"{name}.*config.json"):
         streaming.compile_checkpoint(bad, recipes.get("rtn-w8a8").passes(), calibration=calib)
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog and the cat sat on the mat while it rained "
+        "heavily outside the old house by the river where nobody lived any more ") * 40
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("cli")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>"]))
+    tiny_llama(layers=3).save_pretrained(d / "ckpt", max_shard_size="100KB")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(d / "ckpt")
+    (d / "text.txt").write_text(TEXT)
+    return d
+
+
+def test_cli_streams_past_max_memory(cli_checkpoint, capsys):
+    from qcompile.cli import main
+
+    d = cli_checkpoint
+    common = ["compile", str(d / "ckpt"), "--recipe", "gptq-w4a16", "--calib", str(d / "text.txt"),
+              "--calib-windows", "2", "--calib-len", "32"]
+    assert main(common + ["--max-memory", "1KB", "--out", str(d / "streamed")]) == 0
+    assert "streamed layer by layer" in capsys.readouterr().out
+    assert main(common + ["--max-memory", "1TB", "--out", str(d / "in_memory")]) == 0
+    assert "streamed" not in capsys.readouterr().out
+    got, want = _saved(d / "streamed")[0], _saved(d / "in_memory")[0]
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (d / "streamed" / "tokenizer").is_dir()
+
+
+def test_cli_stream_needs_a_checkpoint_directory(capsys, tmp_path):
+    from qcompile.cli import main
+
+    assert main(["compile", str(tmp_path / "model.gguf"), "--stream"]) == 2
+    assert "--stream needs a Hugging Face checkpoint directory" in capsys.readouterr().err
+
+
+def test_progress_names_the_layer_and_the_memory(checkpoints, calib, monkeypatch, capsys):
+    from qcompile.progress import memory_in_use
+
+    monkeypatch.setenv("QCOMPILE_PROGRESS", "1")
+    streaming.compile_checkpoint(checkpoints["sharded"], recipes.get("rtn-w8a8").passes(), calibration=calib)
+    err = capsys.readouterr().err
+    for i in (1, 2, 3):
+        assert f"layer {i}/3, " in err
+    assert "GiB in use" in err
+    assert 2**20 < memory_in_use() < 2**40
