@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
+from qcompile.distributed import all_reduce_, shard
 from qcompile.graph_query import linear_sites
 from qcompile.layerwise import LayerwiseRunner
 from qcompile.param_store import store_of
@@ -74,6 +75,15 @@ class _Accumulator:
         self.sum_abs += x2.abs().sum(dim=0, dtype=torch.float64)
         self.tokens += x2.shape[0]
 
+    def combine(self) -> None:
+        """Merge the statistics of every rank (``qcompile.distributed``): abs-max, min and max
+        exactly (MAX / MIN), the sum of |x| and the token count with SUM."""
+        all_reduce_(self.absmax, "max")
+        all_reduce_(self.min, "min")
+        all_reduce_(self.max, "max")
+        all_reduce_(self.sum_abs, "sum")
+        self.tokens = int(all_reduce_(torch.tensor([self.tokens], dtype=torch.float64), "sum").item())
+
     def result(self) -> ChannelStats:
         return ChannelStats(self.absmax, self.min, self.max, self.sum_abs, self.tokens)
 
@@ -120,7 +130,7 @@ class ActivationStats(Pass):
         per_input: dict[fx.Node, _Accumulator] = {}
         for s in sites:
             per_input.setdefault(s.input, _Accumulator(s.weight_tensor(gm).shape[1]))
-        calib = ctx.calibration
+        calib = shard(ctx.calibration)  # this process's windows (all of them when alone)
         if store_of(gm) is not None:  # streamed weights: one layer group at a time, same values
             runner = LayerwiseRunner(gm, calib)
             observe = {x: acc.update for x, acc in per_input.items()}
@@ -131,10 +141,12 @@ class ActivationStats(Pass):
             with torch.no_grad():
                 for batch in progress(calib.batches(), "activation stats", total=calib.num_batches):
                     recorder.run(batch)
+        for acc in per_input.values():
+            acc.combine()
         done = {x: acc.result() for x, acc in per_input.items()}
         result = ActivationStatsResult({s.module: done[s.input] for s in sites})
         worst = max(result.items(), key=lambda kv: float(kv[1].absmax.max()), default=None)
-        notes = [f"{len(result)} linears, {len(per_input)} distinct inputs, {calib.tokens} tokens"]
+        notes = [f"{len(result)} linears, {len(per_input)} distinct inputs, {ctx.calibration.tokens} tokens"]
         if worst:
             notes.append(f"largest input |x|: {float(worst[1].absmax.max()):.4g} at {worst[0]}")
         return PassResult(gm, False, notes, updated={"activation_stats": result})

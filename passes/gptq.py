@@ -28,11 +28,12 @@ import torch
 import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
+from qcompile.distributed import all_mean_, from_owners, owner, shard, world
 from qcompile.formats import RoundedWeights, check_grid, default_grid
 from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
-from qcompile.param_store import offload
+from qcompile.param_store import Offloaded, offload
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, selected
 
@@ -144,7 +145,7 @@ class GPTQ(Pass):
         stats = ctx.analyses.get("activation_stats", {})
         records: dict[str, GPTQRecord] = {}
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
-        runner = LayerwiseRunner(gm, ctx.calibration)
+        runner = LayerwiseRunner(gm, shard(ctx.calibration))  # this process's windows
         dtype = torch.float64 if self.hessian_dtype == "float64" else torch.float32
         rows = []
         done: set[str] = set()
@@ -159,11 +160,12 @@ class GPTQ(Pass):
             accs = {x: HessianAccumulator(group[0].weight_tensor(gm).shape[1], dtype) for x, group in groups.items()}
 
             def round_group(x: fx.Node) -> None:
+                accs[x].n = all_mean_(accs[x].h, accs[x].n)  # the Hessian over every process's windows
                 batches: dict[tuple, list] = {}  # one GPTQ call per setting
                 for s in groups[x]:
                     batches.setdefault(self.settings_for(s.module), []).append(s)
                 for settings, batch in batches.items():
-                    rows.extend(self._round_group(gm, batch, accs[x].h, outliers, stats, records, settings))
+                    rows.extend(self._round_spread(gm, batch, accs[x].h, outliers, stats, records, settings))
                 done.update(s.module for s in groups[x])
 
             for x in groups:  # inputs computed by an earlier group: cached, final already
@@ -196,6 +198,24 @@ class GPTQ(Pass):
                              getattr(earlier, "seconds", 0.0) + elapsed, getattr(earlier, "cpu_seconds", 0.0) + cpu)
         updated: dict[str, Any] = {"gptq": result, "gptq_time_s": elapsed, "gptq_cpu_s": cpu}
         return PassResult(gm, bool(rows), notes, rows, updated)
+
+    def _round_spread(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict, stats: dict,
+                      records: dict, settings: tuple[int, int, bool, bool, str]) -> list[dict]:
+        """``_round_group``, its linears spread over the processes (``qcompile.distributed``): each
+        rounds its own and every process receives every rounded weight and record. Alone, one call."""
+        rank, size = world()
+        if size == 1:
+            return self._round_group(gm, group, h, outliers, stats, records, settings)
+        mine = [i for i in range(len(group)) if owner(i) == rank]
+        rows = self._round_group(gm, [group[i] for i in mine], h, outliers, stats, records, settings) if mine else []
+        local = {i: (row, _in_memory(records[group[i].module]), group[i].weight_tensor(gm).detach())
+                 for i, row in zip(mine, rows)}
+        out = []
+        for s, (row, record, weight) in zip(group, from_owners(len(group), local)):
+            set_tensor(gm, s.weight, weight)
+            records[s.module] = offload(gm, record)
+            out.append(row)
+        return out
 
     def _round_group(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict,
                      stats: dict, records: dict, settings: tuple[int, int, bool, bool, str]) -> list[dict]:
@@ -244,6 +264,11 @@ class GPTQ(Pass):
                          "GPTQ error": float(f"{err:.4g}"), "RTN error": float(f"{rtn_err:.4g}"),
                          "GPTQ/RTN": round(err / max(rtn_err, 1e-30), 3)})
         return rows
+
+
+def _in_memory(record: Any) -> Any:
+    """A record itself, read back from disk if a streamed compile offloaded it."""
+    return record.load() if isinstance(record, Offloaded) else record
 
 
 def _rtn_like(w: torch.Tensor, res, part: slice, bits: int, symmetric: bool, clip: bool,

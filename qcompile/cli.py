@@ -186,8 +186,15 @@ def cmd_compile(args) -> None:
     out = Path(args.out) if args.out else None
     if out and out.exists() and not args.force:
         raise CLIError(f"{out} already exists; pass --force to replace it")
+    from qcompile import distributed
+    distributed.init_from_env(_device(args.device))  # under torchrun: the ranks split the windows
     streamed = _streams(args)
     gm, tok, seconds = _compile_streamed(args) if streamed else _compile(args, with_report=True)
+    rank, size = distributed.world()
+    if rank != 0:
+        return  # every rank holds the same compiled model; the first one reports and saves it
+    if size > 1:
+        print(f"calibrated on {size} processes")
     print(gm.qcompile_report)
     print(f"\ncompiled {args.model} with {args.recipe} in {seconds:.1f}s"
           + (" (streamed layer by layer)" if streamed else ""))

@@ -26,11 +26,8 @@ first runs and written out when the next group starts: one decoder layer is in m
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
-import sys
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -45,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from qcompile.calibrate import CalibrationSet
 from qcompile.graph_query import layer_partition
-from qcompile.param_store import store_of
+from qcompile.param_store import release_free_memory, store_of
 from qcompile.progress import LayerProgress, progress
 
 __all__ = ["LayerwiseRunner", "LayerGroup", "TokenSample", "layer_samples", "release_free_memory",
@@ -258,25 +255,6 @@ class LayerwiseRunner:
             self._layer_bar = LayerProgress(len(layers))
             weakref.finalize(self, self._layer_bar.close)
         self._layer_bar.enter(layers.index(group))
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only; musl has none
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Return the allocator's free pages to the OS where the C library allows it (glibc)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def graph_device(gm: fx.GraphModule) -> torch.device:

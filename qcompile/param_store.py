@@ -24,8 +24,11 @@ analysis value (a float weight, GPTQ's integers) to disk until it is read.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
 import shutil
+import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -36,7 +39,7 @@ import torch.fx as fx
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["ParameterStore", "store_of", "materialize", "offload", "Offloaded", "STORE_KEY"]
+__all__ = ["ParameterStore", "store_of", "materialize", "offload", "Offloaded", "STORE_KEY", "release_free_memory"]
 
 STORE_KEY = "qcompile_param_store"
 
@@ -153,6 +156,7 @@ class ParameterStore:
                 self._read.pop(name, None)
                 _put(mod, attr, torch.empty_like(t, device="meta"))
         self.active = None
+        release_free_memory()  # the freed layer's pages back to the system, not kept by malloc
 
     def read_all(self) -> None:
         """Read every layer's tensors into memory (small models, tests); the store then holds none."""
@@ -220,6 +224,25 @@ class Offloaded:
         for name in self.fields:
             object.__setattr__(out, name, data[name].to(devices[name]))
         return out
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # glibc only; musl has none
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return the allocator's free pages to the OS where the C library allows it (glibc)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _put(mod: nn.Module, attr: str, value: torch.Tensor) -> None:

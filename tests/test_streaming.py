@@ -15,6 +15,7 @@ import qcompile
 from qcompile import recipes, streaming
 from qcompile.checkpoint import Checkpoint, CheckpointError
 from qcompile.param_store import store_of
+from checkpoints_for_tests import write_checkpoint
 from models_for_tests import tiny_llama
 
 RECIPES = ["rtn-w8a8", "aweq-w8a8", "gptq-w4a16"]
@@ -171,23 +172,9 @@ def test_wrong_shape_in_checkpoint_is_named(checkpoints, tmp_path, calib):
         streaming.compile_checkpoint(bad, recipes.get("rtn-w8a8").passes(), calibration=calib)
 
 
-TEXT = ("the quick brown fox jumps over the lazy dog and the cat sat on the mat while it rained "
-        "heavily outside the old house by the river where nobody lived any more ") * 40
-
-
 @pytest.fixture(scope="module")
 def cli_checkpoint(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("cli")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>"]))
-    tiny_llama(layers=3).save_pretrained(d / "ckpt", max_shard_size="100KB")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(d / "ckpt")
-    (d / "text.txt").write_text(TEXT)
-    return d
+    return write_checkpoint(tmp_path_factory.mktemp("cli"), layers=3, max_shard_size="100KB")
 
 
 def test_cli_streams_past_max_memory(cli_checkpoint, capsys):
