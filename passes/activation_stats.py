@@ -69,6 +69,9 @@ class _Accumulator:
 
     def update(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.absmax.device != x2.device:  # accumulate where the activations are (CUDA or CPU)
+            self.absmax, self.min, self.max, self.sum_abs = (t.to(x2.device) for t in
+                                                             (self.absmax, self.min, self.max, self.sum_abs))
         self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
         self.min = torch.minimum(self.min, x2.amin(dim=0))
         self.max = torch.maximum(self.max, x2.amax(dim=0))

@@ -154,6 +154,7 @@ class ParameterStore:
                     save_file({"t": t.detach().contiguous().cpu()}, str(self._path(name)))
                     self._spilled.add(name)
                 self._read.pop(name, None)
+                _forget_kernel_layouts(t)
                 _put(mod, attr, torch.empty_like(t, device="meta"))
         self.active = None
         release_free_memory()  # the freed layer's pages back to the system, not kept by malloc
@@ -243,6 +244,14 @@ def release_free_memory() -> None:
     """Return the allocator's free pages to the OS where the C library allows it (glibc)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def _forget_kernel_layouts(t: torch.Tensor) -> None:
+    """Drop the CPU kernels' cached layouts of ``t``: ``kernels/cpu_linear.py`` keeps them in a
+    module-level table whose entries hold ``t`` itself (``_Prepared.w8``), so a released layer's
+    integers would otherwise stay in memory for the rest of the process."""
+    from qcompile.kernels import cpu_linear
+    cpu_linear._layouts.pop(id(t), None)
 
 
 def _put(mod: nn.Module, attr: str, value: torch.Tensor) -> None:

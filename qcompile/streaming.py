@@ -90,6 +90,8 @@ def open_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
     (``gm.meta[STORE_KEY]``) and everything else read into memory on ``device``."""
     ckpt = Checkpoint(path)
     model = skeleton(path)
+    if example_inputs is None:  # on the weights' device: torch 2.11's export refuses meta with CPU
+        example_inputs = (torch.zeros(2, 16, dtype=torch.long, device="meta"),)
     gm = trace(model, example_inputs)
     _retarget(gm, torch.device(device))
     names = _checkpoint_names(model, ckpt)

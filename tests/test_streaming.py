@@ -210,3 +210,29 @@ def test_progress_names_the_layer_and_the_memory(checkpoints, calib, monkeypatch
         assert f"layer {i}/3, " in err
     assert "GiB in use" in err
     assert 2**20 < memory_in_use() < 2**40
+
+
+def test_released_layers_leave_no_tensor_alive(checkpoints, calib, monkeypatch):
+    """Every tensor a release drops is freed (nothing, e.g. a kernel's layout cache, keeps a
+    compiled layer alive), so memory stays one layer whatever the depth."""
+    import gc
+    import weakref
+
+    from qcompile import param_store
+
+    dropped: list[weakref.ref] = []
+    real_put = param_store._put
+
+    def put(mod, attr, value):
+        old = getattr(mod, attr)
+        if value.is_meta and not old.is_meta:
+            dropped.append(weakref.ref(old))
+        real_put(mod, attr, value)
+
+    monkeypatch.setattr(param_store, "_put", put)
+    gm = streaming.compile_checkpoint(checkpoints["sharded"], recipes.get("aweq-w8a8").passes(), calibration=calib)
+    gc.collect()
+    assert len(dropped) > 3 * 9  # every layer was read and released, several times
+    alive = [r() for r in dropped if r() is not None]
+    assert not alive, [(tuple(t.shape), t.dtype) for t in alive[:5]]
+    assert gm.qcompile_report is not None
