@@ -32,7 +32,7 @@ import sys
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -68,17 +68,18 @@ def offload(gm: nn.Module, value: Any) -> Any:
 class ParameterStore:
     """Keeps at most one decoder layer's tensors of ``gm`` in memory (see the module docstring).
 
-    ``layers``: group name (``"layer.0"``) -> module path prefix owning its tensors
-    (``"model.layers.0"``). ``source(name)``: the original tensor called ``name``. ``device``:
-    where an active layer's tensors live (calibration and GPTQ run there).
+    ``layers``: group name (``"layer.0"``, ``"prefix"``) -> what it owns: module paths
+    (``"model.layers.0"``: every tensor under it, lowered ones included) or tensor names
+    (``"model.embed_tokens.weight"``). ``source(name)``: the original tensor called ``name``.
+    ``device``: where an active group's tensors live (calibration and GPTQ run there).
     """
 
-    def __init__(self, gm: fx.GraphModule, layers: dict[str, str],
+    def __init__(self, gm: fx.GraphModule, layers: dict[str, Sequence[str]],
                  source: Callable[[str], torch.Tensor], spill_dir: str | Path | None = None,
                  device: torch.device | str = "cpu"):
         self.gm = gm
         self.device = torch.device(device)
-        self.layers = dict(layers)
+        self.layers = {g: tuple(owned) for g, owned in layers.items()}
         self.source = source
         if spill_dir is None:
             spill_dir = tempfile.mkdtemp(prefix="qcompile-store-")
@@ -95,20 +96,26 @@ class ParameterStore:
     # ------------------------------------------------------------ which layer owns a tensor
 
     def group_of(self, name: str) -> str | None:
-        """The layer group whose module path holds tensor ``name`` (None: always in memory)."""
-        for group, prefix in self.layers.items():
-            if name.startswith(prefix + "."):
+        """The group that owns tensor ``name`` (None: always in memory)."""
+        for group, owned in self.layers.items():
+            if any(name == o or name.startswith(o + ".") for o in owned):
                 return group
         return None
 
     def _tensors(self, group: str) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-        prefix = self.layers[group]
-        root = self.gm.get_submodule(prefix)
-        for mod_name, mod in root.named_modules(prefix=prefix):
-            for table in (mod._parameters, mod._buffers):
-                for attr, t in list(table.items()):
-                    if t is not None:
-                        yield f"{mod_name}.{attr}", mod, attr, t
+        for owned in self.layers[group]:
+            mod_name, _, attr = owned.rpartition(".")
+            holder = self.gm.get_submodule(mod_name) if mod_name else self.gm
+            if attr in holder._parameters or attr in holder._buffers:  # one tensor by name
+                t = getattr(holder, attr)
+                if t is not None:
+                    yield owned, holder, attr, t
+                continue
+            for sub_name, mod in self.gm.get_submodule(owned).named_modules(prefix=owned):
+                for table in (mod._parameters, mod._buffers):
+                    for name, t in list(table.items()):
+                        if t is not None:
+                            yield f"{sub_name}.{name}", mod, name, t
 
     # ------------------------------------------------------------ activate / release
 

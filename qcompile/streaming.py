@@ -5,14 +5,15 @@
 
 The model is built on the meta device from ``config.json`` and traced there (``skeleton``,
 ``open_checkpoint``): the graph is the one the in-memory compile traces, and every tensor has a
-shape and a dtype but no data. The tensors outside the decoder layers (embeddings, final norm,
-lm_head, rotary frequencies) are read at once; the decoder layers' tensors go through a
-``qcompile.param_store.ParameterStore`` that reads one layer from the checkpoint (or from its
-spill directory, once a pass changed it), and writes it back and drops it when a pass moves to
-the next layer. The pipeline stays pass-major, exactly as ``qcompile.compile`` runs it, so the
+shape and a dtype but no data. The tensors go through a ``qcompile.param_store.ParameterStore``
+group by group: a decoder layer, or the prefix (the embedding) or the suffix (final norm,
+lm_head). It reads a group from the checkpoint (or from its spill directory, once a pass changed
+it), and writes it back and drops it when a pass moves to the next group. Tied tensors (an
+embedding shared with lm_head) and buffers the checkpoint does not hold (rotary frequencies) stay
+in memory. The pipeline stays pass-major, exactly as ``qcompile.compile`` runs it, so the
 compiled tensors are the in-memory compile's bit for bit on the same calibration windows; only
-the order of reads and writes changes. Peak memory is about one decoder layer, the resident
-tensors and the calibration activations (spilled past ``QCOMPILE_LAYERWISE_CACHE_MB``).
+the order of reads and writes changes. Peak memory is about the largest group (a decoder layer,
+or the embedding), the tied tensors and the calibration activations (spilled past ``QCOMPILE_LAYERWISE_CACHE_MB``).
 
 Saving (``save``) writes qcompile's format with the tensors read back one at a time from the
 spill directory (``qcompile.serialize.save`` with a tensor reader).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -41,7 +42,7 @@ from qcompile.instruments import CompileReport, Instrument, PassRecord
 from qcompile.param_store import STORE_KEY, ParameterStore, store_of
 from qcompile.pass_manager import CompileContext, PassManager
 
-__all__ = ["skeleton", "open_checkpoint", "compile_checkpoint", "save", "estimated_bytes", "CheckpointError"]
+__all__ = ["skeleton", "streamed_groups", "open_checkpoint", "compile_checkpoint", "save", "estimated_bytes", "CheckpointError"]
 
 
 def skeleton(path: str | os.PathLike) -> nn.Module:
@@ -56,17 +57,25 @@ def skeleton(path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"could not read the model config in {path}: {err}") from err
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # tied as from_pretrained ties them (the meta construction leaves them apart)
     return model.eval()
 
 
-def layer_prefixes(gm: fx.GraphModule) -> dict[str, str]:
-    """Each decoder-layer group of the graph (``"layer.3"``) -> the module path holding its tensors
-    (``"model.layers.3"``): the longest module path common to the tensors its nodes read."""
-    out: dict[str, str] = {}
+def streamed_groups(gm: fx.GraphModule, streamable: Callable[[str], bool]) -> dict[str, tuple[str, ...]]:
+    """What each group of the graph's layer partition owns in the store: a decoder layer
+    (``"layer.3"``) the longest module path common to the tensors its nodes read
+    (``"model.layers.3"``, so its lowered tensors follow it); the prefix and the suffix the
+    ``streamable`` tensors they read, by name (the embedding; the final norm and lm_head). Tensors
+    that are not streamable (tied to another group's, or absent from the checkpoint like rotary
+    frequencies) stay in memory."""
+    out: dict[str, tuple[str, ...]] = {}
     for name, nodes in layer_partition(gm).items():
-        if not name.startswith("layer."):
-            continue
         targets = sorted({str(i.target) for n in nodes for i in n.all_input_nodes if i.op == "get_attr"})
+        if not name.startswith("layer."):
+            owned = tuple(t for t in targets if streamable(t))
+            if owned:
+                out[name] = owned
+            continue
         if not targets:
             continue
         paths = [t.split(".")[:-1] for t in targets]
@@ -79,7 +88,7 @@ def layer_prefixes(gm: fx.GraphModule) -> dict[str, str]:
         if not common:
             raise CheckpointError(f"decoder layer {name} reads tensors under no common module path "
                                   f"({targets[0]}, {targets[-1]}); it cannot be streamed")
-        out[name] = ".".join(common)
+        out[name] = (".".join(common),)
     return out
 
 
@@ -94,8 +103,12 @@ def open_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
         example_inputs = (torch.zeros(2, 16, dtype=torch.long, device="meta"),)
     gm = trace(model, example_inputs)
     _retarget(gm, torch.device(device))
-    names = _checkpoint_names(model, ckpt)
-    store = ParameterStore(gm, layer_prefixes(gm), lambda name: ckpt.read(names.get(name, name)),
+    names, tied = _checkpoint_names(model, ckpt)
+
+    def streamable(name: str) -> bool:
+        return name not in tied and names.get(name, name) in ckpt
+
+    store = ParameterStore(gm, streamed_groups(gm, streamable), lambda name: ckpt.read(names.get(name, name)),
                            spill_dir, device)
     gm.meta[STORE_KEY] = store
     _read_resident(gm, store, ckpt, names, torch.device(device))
@@ -115,18 +128,22 @@ def _retarget(gm: fx.GraphModule, device: torch.device) -> None:
     gm.recompile()
 
 
-def _checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
-    """Model tensor name -> the checkpoint's name for it (tied weights are saved once)."""
+def _checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> tuple[dict[str, str], set[str]]:
+    """(model tensor name -> the checkpoint's name for it, the names of tied tensors): tied weights
+    are saved once, and stay one tensor in memory."""
     by_id: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     out: dict[str, str] = {}
+    tied: set[str] = set()
     for names in by_id.values():
         stored = [n for n in names if n in ckpt]
         for n in names:
             if stored:
                 out[n] = stored[0]
-    return out
+        if len(names) > 1:
+            tied.update(names)
+    return out, tied
 
 
 def _read_resident(gm: fx.GraphModule, store: ParameterStore, ckpt: Checkpoint, names: dict[str, str],
