@@ -18,7 +18,7 @@ from qcompile.param_store import store_of
 from checkpoints_for_tests import write_checkpoint
 from models_for_tests import tiny_llama
 
-RECIPES = ["rtn-w8a8", "aweq-w8a8", "gptq-w4a16"]
+RECIPES = ["rtn-w8a8", "aweq-w8a8", "gptq-w4a16", "quik-w4a4"]
 
 
 @pytest.fixture(scope="module", autouse=True)
