@@ -34,6 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import qcompile.kernels.ops  # noqa: F401 - registers torch.ops.qcompile
+from qcompile.distributed import all_reduce_, shard
 from qcompile.formats import LoweredNode, lowered_nodes
 from qcompile.graph_query import get_tensor, set_tensor
 from qcompile.layerwise import LayerGroup, LayerwiseRunner
@@ -128,6 +129,15 @@ class _Moments:
         self.sum_y = s if self.sum_y is None else self.sum_y + s
         self.n_y += y2.shape[0]
 
+    def combine(self) -> None:
+        """The sums and counts over every process's windows (``qcompile.distributed``: SUM of the
+        float64 sums, so only their last bits can depend on the order)."""
+        for name in ("sum_x", "sum_y"):
+            if getattr(self, name) is not None:
+                all_reduce_(getattr(self, name), "sum")
+        counts = all_reduce_(torch.tensor([self.n_x, self.n_y], dtype=torch.float64), "sum")
+        self.n_x, self.n_y = int(counts[0]), int(counts[1])
+
     @property
     def mean_x(self) -> torch.Tensor:
         return self.sum_x / max(self.n_x, 1)
@@ -201,7 +211,7 @@ class BiasCorrection(Pass):
             notes.append("no lowered linear selected: nothing to correct")
             return PassResult(gm, False, notes)
 
-        runner = LayerwiseRunner(gm, ctx.calibration)
+        runner = LayerwiseRunner(gm, shard(ctx.calibration))  # this process's windows
         placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
         by_group: dict[str, list[tuple[fx.Node, str]]] = {}
         where = {n: g.name for g in runner.groups for n in g.nodes}
@@ -244,6 +254,8 @@ class BiasCorrection(Pass):
                                  f"partition {group.name!r}; cannot observe it layer by layer")
         last = max((node for node, _ in stage), key=lambda n: _position(gm, n))
         runner.run(group, observe, stop=last)
+        for m in moments.values():  # the inputs' sums are in these too
+            m.combine()
         rows = []
         with torch.no_grad():
             for node, module in stage:

@@ -10,6 +10,9 @@ runs the same pipeline; the passes that support it split the calibration windows
   integers through the Hessian) can differ from the single-process compile where a weight sits on
   a rounding boundary; ``tests/test_distributed.py`` measures how much.
 
+* token samples (the equalization and clipping searches): gathered in rank order (``all_cat``),
+  which is the single process's order -- exact.
+
 Expensive per-linear work (GPTQ) is spread over the ranks by ``owner`` and its results sent to
 all (``from_owners``). Passes that do not combine their statistics run the whole calibration set
 on every rank: correct, just not faster. With one process every function here is the identity.
@@ -25,7 +28,8 @@ import torch.distributed as dist
 
 from qcompile.calibrate import CalibrationSet
 
-__all__ = ["world", "init_from_env", "shard", "all_reduce_", "all_mean_", "owner", "from_owners", "is_main"]
+__all__ = ["world", "init_from_env", "shard", "all_reduce_", "all_mean_", "owner", "from_owners", "is_main",
+           "all_cat"]
 
 
 def world() -> tuple[int, int]:
@@ -103,3 +107,14 @@ def from_owners(count: int, local: dict[int, Any]) -> list[Any]:
         dist.broadcast_object_list(box, src=owner(i))
         out.append(box[0])
     return out
+
+
+def all_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0 in rank order, on every rank: with ``shard``'s
+    contiguous blocks, the rows come out in the single process's order, so the result is exact."""
+    size = world()[1]
+    if size == 1:
+        return t
+    parts: list[Any] = [None] * size
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts).to(t.device)

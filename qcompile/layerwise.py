@@ -41,6 +41,7 @@ from safetensors.torch import save as save_bytes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from qcompile.calibrate import CalibrationSet
+from qcompile.distributed import all_cat, shard
 from qcompile.graph_query import layer_partition
 from qcompile.param_store import release_free_memory, store_of
 from qcompile.progress import LayerProgress, progress
@@ -330,9 +331,10 @@ def layer_samples(gm: fx.GraphModule, calibration: CalibrationSet, nodes: list[f
 
     For every group holding some of ``nodes``, the group is run on the calibration set and
     ``{node: sample}`` is yielded; the caller may then change the group's weights, and the group is
-    committed (with them) before the next one runs.
+    committed (with them) before the next one runs. Under torch.distributed each process runs its
+    share of the windows and every process gets the whole sample, rows in the single-process order.
     """
-    runner = LayerwiseRunner(gm, calibration)
+    runner = LayerwiseRunner(gm, shard(calibration))  # this process's windows (all when alone)
     where = {n: g.name for g in runner.groups for n in g.nodes}
     by_group: dict[str, list[fx.Node]] = {}
     for node in dict.fromkeys(nodes):
@@ -348,6 +350,6 @@ def layer_samples(gm: fx.GraphModule, calibration: CalibrationSet, nodes: list[f
         if todo:
             samples = {node: TokenSample(stride) for node in todo}
             runner.run(group, {node: smp.add for node, smp in samples.items()}, desc=f"{desc} {group.name}")
-            yield {node: smp.tensor() for node, smp in samples.items()}
+            yield {node: all_cat(smp.tensor()) for node, smp in samples.items()}  # every process's rows
             del samples
         runner.commit(group)

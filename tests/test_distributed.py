@@ -42,6 +42,7 @@ def test_alone_everything_is_the_identity():
     assert distributed.all_reduce_(t, "max") is t and torch.equal(t, torch.tensor([1.0, -2.0]))
     assert distributed.all_mean_(t, 5) == 5
     assert distributed.from_owners(2, {0: "a", 1: "b"}) == ["a", "b"]
+    assert distributed.all_cat(t) is t
 
 
 @pytest.mark.slow
@@ -68,9 +69,9 @@ def test_torchrun_two_processes_equal_one(workdir, recipe, capsys):
         assert torch.equal(two[name], one[name]), name
 
 
-def _rank_compile(rank: int, init_file: str, out: str, windows: torch.Tensor) -> None:
-    """One process of a 2-process gloo group: compile the tiny model with GPTQ on its share of the
-    windows; records the windows its layer-wise runners saw and (rank 0) the compiled tensors."""
+def _rank_compile(rank: int, init_file: str, out: str, windows: torch.Tensor, recipe: str) -> None:
+    """One process of a 2-process gloo group: compile the tiny model with ``recipe`` on its share
+    of the windows; records the windows its layer-wise runners saw and the compiled tensors."""
     import torch.distributed as dist
 
     import qcompile
@@ -86,25 +87,29 @@ def _rank_compile(rank: int, init_file: str, out: str, windows: torch.Tensor) ->
         real_init(self, gm, calibration, *args, **kwargs)
 
     layerwise.LayerwiseRunner.__init__ = init
-    gm = qcompile.compile(tiny_llama(layers=2), recipes.get("gptq-w4a16").passes(), calibration=windows)
+    gm = qcompile.compile(tiny_llama(layers=2), recipes.get(recipe).passes(), calibration=windows)
     tensors = {k: v.contiguous() for k, v in [*gm.named_parameters(), *gm.named_buffers()]}
     save_file({**tensors, "__seen__": torch.tensor(seen)}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_gloo_gptq_splits_windows_and_equals_one_process(tmp_path):
+@pytest.mark.parametrize("recipe, runners", [("gptq-w4a16", 1), ("aweq-w8a8", 2)])
+def test_gloo_splits_windows_and_equals_one_process(tmp_path, recipe, runners):
+    """GPTQ (Hessians); AWEQ's equalization search (token samples gathered in order) and bias
+    correction (float64 sums): each layer-wise runner sees half the windows, and the result is
+    the single-process compile's, tensor for tensor."""
     import qcompile
     from qcompile import recipes
 
     windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    torch.multiprocessing.spawn(_rank_compile, args=(str(tmp_path / "init"), str(tmp_path / "out"), windows),
-                                nprocs=2)
-    one = qcompile.compile(tiny_llama(layers=2), recipes.get("gptq-w4a16").passes(), calibration=windows)
+    torch.multiprocessing.spawn(_rank_compile, nprocs=2,
+                                args=(str(tmp_path / "init"), str(tmp_path / "out"), windows, recipe))
+    one = qcompile.compile(tiny_llama(layers=2), recipes.get(recipe).passes(), calibration=windows)
     want = dict([*one.named_parameters(), *one.named_buffers()])
     for rank in (0, 1):
         got = load_file(tmp_path / f"out.{rank}")
-        assert got.pop("__seen__").tolist() == [2]  # GPTQ's runner saw this rank's 2 of the 4 windows
+        assert got.pop("__seen__").tolist() == [2] * runners  # each runner: this rank's 2 of the 4 windows
         assert sorted(got) == sorted(want)
         for name, t in want.items():
             assert torch.equal(got[name], t), (rank, name)
