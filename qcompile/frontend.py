@@ -45,8 +45,9 @@ def trace(model: nn.Module, example_inputs: Sequence[Any] | None = None,
 
 def _export_causal_lm(model: nn.Module, example_inputs, max_seq_len: int | None) -> fx.GraphModule:
     vocab = int(getattr(model.config, "vocab_size", 2))
-    if example_inputs is None:
-        example = torch.randint(0, max(vocab, 2), (2, 16))
+    if example_inputs is None:  # where the weights are: export refuses a CPU input to CUDA or meta weights
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example = torch.randint(0, max(vocab, 2), (2, 16), device=device)
     else:
         example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     if not (isinstance(example, torch.Tensor) and example.dtype == torch.long and example.dim() == 2):
