@@ -46,14 +46,15 @@ def test_alone_everything_is_the_identity():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["aweq-w8a8", "gptq-w4a16"])
-def test_torchrun_two_processes_equal_one(workdir, recipe, capsys):
+@pytest.mark.parametrize("recipe, extra", [("aweq-w8a8", []), ("gptq-w4a16", []), ("gptq-w4a16", ["--stream"])],
+                         ids=["aweq-w8a8", "gptq-w4a16", "gptq-w4a16-streamed"])
+def test_torchrun_two_processes_equal_one(workdir, recipe, extra, capsys):
     """ActivationStats (MAX/MIN exact, sums SUM) and GPTQ (Hessian as a token-weighted mean, SUM;
     linears spread over the ranks) on 2 gloo processes: every saved tensor equals the
     single-process compile's here. In general a SUM in another order can move a Hessian's last
     bits, and with it an integer on a rounding boundary; on this model none moves."""
     common = ["compile", str(workdir / "ckpt"), "--recipe", recipe, "--calib", str(workdir / "text.txt"),
-              "--calib-windows", "4", "--calib-len", "32"]
+              "--calib-windows", "4", "--calib-len", "32", "--force", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "qcompile", *common, "--out", str(workdir / f"two-{recipe}")],
@@ -61,6 +62,7 @@ def test_torchrun_two_processes_equal_one(workdir, recipe, capsys):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "calibrated on 2 processes" in run.stdout
     assert run.stdout.count("compiled ") == 1  # only rank 0 reports and saves
+    assert ("streamed layer by layer" in run.stdout) == bool(extra)
     assert main(common + ["--out", str(workdir / f"one-{recipe}")]) == 0
     two = load_file(workdir / f"two-{recipe}" / "tensors.safetensors")
     one = load_file(workdir / f"one-{recipe}" / "tensors.safetensors")
