@@ -1,22 +1,23 @@
-"""A parameter store: the decoder layers' tensors of a GraphModule live on disk, one layer in memory.
+"""A parameter store: a GraphModule's tensors live on disk, one group of them in memory.
 
 A streamed compile (``qcompile.streaming``) builds the model on the meta device and traces it
 there, so every tensor of the graph module has a shape and a dtype but no data. The store gives
-the tensors of one decoder layer data at a time:
+the tensors of one group of the layer partition data at a time (a decoder layer ``"layer.3"``, or
+the prefix / suffix: the embedding; the final norm and lm_head):
 
-* ``activate(group)`` makes the tensors of that layer group (``"layer.3"``) real: each meta tensor
-  is read from the spill directory (where an earlier release wrote it) or else from the
-  ``source`` (the checkpoint). The layer that was active before is released first.
-* ``release`` writes every tensor of the layer that changed since it was read (a new object, or
+* ``activate(group)`` makes the tensors of that group real: each meta tensor is read from the
+  spill directory (where an earlier release wrote it) or else from the ``source`` (the
+  checkpoint). The group that was active before is released first.
+* ``release`` writes every tensor of the group that changed since it was read (a new object, or
   one changed in place: its version counter moved) to the spill directory, one safetensors file
   per tensor, and puts a meta tensor of the same shape and dtype in its place.
 
-Everything outside the decoder layers (embeddings, final norm, lm_head, rotary buffers) stays in
-memory. Tensors that appear under a layer's module path later (a lowered linear's integers, a
-bias added by bias correction) belong to that layer and are released with it.
+Tensors that appear under a decoder layer's module path later (a lowered linear's integers, a bias
+added by bias correction) belong to that layer and are released with it. Tensors no group owns
+(tied weights, buffers the checkpoint does not hold) stay in memory.
 
 Callers reach a meta tensor's data through ``materialize(gm, target)`` (``graph_query.get_tensor``
-does), so passes that walk the whole graph touch one layer at a time without knowing about the
+does), so passes that walk the whole graph touch one group at a time without knowing about the
 store; the layer-wise runner activates each group before it runs it. ``offload`` moves a large
 analysis value (a float weight, GPTQ's integers) to disk until it is read.
 """
@@ -66,20 +67,20 @@ def offload(gm: nn.Module, value: Any) -> Any:
 
 
 class ParameterStore:
-    """Keeps at most one decoder layer's tensors of ``gm`` in memory (see the module docstring).
+    """Keeps at most one group's tensors of ``gm`` in memory (see the module docstring).
 
-    ``layers``: group name (``"layer.0"``, ``"prefix"``) -> what it owns: module paths
+    ``groups``: group name (``"layer.0"``, ``"prefix"``) -> what it owns: module paths
     (``"model.layers.0"``: every tensor under it, lowered ones included) or tensor names
     (``"model.embed_tokens.weight"``). ``source(name)``: the original tensor called ``name``.
     ``device``: where an active group's tensors live (calibration and GPTQ run there).
     """
 
-    def __init__(self, gm: fx.GraphModule, layers: dict[str, Sequence[str]],
+    def __init__(self, gm: fx.GraphModule, groups: dict[str, Sequence[str]],
                  source: Callable[[str], torch.Tensor], spill_dir: str | Path | None = None,
                  device: torch.device | str = "cpu"):
         self.gm = gm
         self.device = torch.device(device)
-        self.layers = {g: tuple(owned) for g, owned in layers.items()}
+        self.groups = {g: tuple(owned) for g, owned in groups.items()}
         self.source = source
         if spill_dir is None:
             spill_dir = tempfile.mkdtemp(prefix="qcompile-store-")
@@ -90,20 +91,20 @@ class ParameterStore:
         self._read: dict[str, tuple[int, int]] = {}  # name -> (id, version) when it was read
         self._spilled: set[str] = set()
         self._offloaded = 0
-        self.loads = 0  # how many times a layer was made real (for tests and progress)
-        self.peak_layer_bytes = 0
+        self.loads = 0  # how many times a group was made real (for tests and progress)
+        self.peak_group_bytes = 0
 
-    # ------------------------------------------------------------ which layer owns a tensor
+    # ------------------------------------------------------------ which group owns a tensor
 
     def group_of(self, name: str) -> str | None:
         """The group that owns tensor ``name`` (None: always in memory)."""
-        for group, owned in self.layers.items():
+        for group, owned in self.groups.items():
             if any(name == o or name.startswith(o + ".") for o in owned):
                 return group
         return None
 
     def _tensors(self, group: str) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-        for owned in self.layers[group]:
+        for owned in self.groups[group]:
             mod_name, _, attr = owned.rpartition(".")
             holder = self.gm.get_submodule(mod_name) if mod_name else self.gm
             if attr in holder._parameters or attr in holder._buffers:  # one tensor by name
@@ -120,22 +121,22 @@ class ParameterStore:
     # ------------------------------------------------------------ activate / release
 
     def fetch(self, name: str) -> torch.Tensor:
-        """The real tensor at ``name``, activating its layer if needed."""
+        """The real tensor at ``name``, activating its group if needed."""
         group = self.group_of(name)
         if group is None:
-            raise KeyError(f"{name} is a meta tensor outside every decoder layer; the streamed "
+            raise KeyError(f"{name} is a meta tensor that no group of the store owns; the streamed "
                            "model should hold it in memory (was it missing from the checkpoint?)")
         self.activate(group)
         mod_name, _, attr = name.rpartition(".")
         return getattr(self.gm.get_submodule(mod_name), attr)
 
     def activate(self, group: str | None) -> None:
-        """Make ``group``'s tensors real (releasing the active layer); None or a group outside the
-        decoder layers (prefix, suffix) only releases."""
+        """Make ``group``'s tensors real (releasing the active group); None, or a group that owns
+        nothing in the store, only releases."""
         if group == self.active:
             return
         self.release()
-        if group not in self.layers:
+        if group not in self.groups:
             return
         total = 0
         for name, mod, attr, t in self._tensors(group):
@@ -146,14 +147,14 @@ class ParameterStore:
             total += t.numel() * t.element_size()
         self.active = group
         self.loads += 1
-        self.peak_layer_bytes = max(self.peak_layer_bytes, total)
+        self.peak_group_bytes = max(self.peak_group_bytes, total)
 
     def release(self) -> None:
-        """Write the active layer's changed tensors to the spill directory and drop their data.
+        """Write the active group's changed tensors to the spill directory and drop their data.
 
-        Any real tensor found under another layer's path (set while that layer was released) is
-        written and dropped too."""
-        for group in self.layers:
+        Any real tensor found in another group (set while that group was released) is written and
+        dropped too."""
+        for group in self.groups:
             for name, mod, attr, t in self._tensors(group):
                 if t.is_meta:
                     continue
@@ -164,12 +165,12 @@ class ParameterStore:
                 _forget_kernel_layouts(t)
                 _put(mod, attr, torch.empty_like(t, device="meta"))
         self.active = None
-        release_free_memory()  # the freed layer's pages back to the system, not kept by malloc
+        release_free_memory()  # the freed pages back to the system, not kept by malloc
 
     def read_all(self) -> None:
-        """Read every layer's tensors into memory (small models, tests); the store then holds none."""
+        """Read every group's tensors into memory (small models, tests); the store then holds none."""
         self.release()
-        for group in self.layers:
+        for group in self.groups:
             for name, mod, attr, t in self._tensors(group):
                 if t.is_meta:
                     _put(mod, attr, self._read_tensor(name, t))

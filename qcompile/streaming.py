@@ -95,8 +95,8 @@ def streamed_groups(gm: fx.GraphModule, streamable: Callable[[str], bool]) -> di
 def open_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cpu",
                     spill_dir: str | os.PathLike | None = None,
                     example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
-    """The checkpoint's traced graph with its decoder layers' tensors in a ``ParameterStore``
-    (``gm.meta[STORE_KEY]``) and everything else read into memory on ``device``."""
+    """The checkpoint's traced graph with its tensors in a ``ParameterStore`` (``gm.meta[STORE_KEY]``),
+    group by group, except the tied ones, read into memory on ``device``."""
     ckpt = Checkpoint(path)
     model = skeleton(path)
     if example_inputs is None:  # on the weights' device: torch 2.11's export refuses meta with CPU
@@ -148,7 +148,7 @@ def _checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> tuple[dict[str, str
 
 def _read_resident(gm: fx.GraphModule, store: ParameterStore, ckpt: Checkpoint, names: dict[str, str],
                    device: torch.device) -> None:
-    """Read every meta tensor outside the decoder layers (tied tensors stay one tensor)."""
+    """Read every meta tensor that no group of the store owns (tied tensors stay one tensor)."""
     seen: dict[int, torch.Tensor] = {}
     for table_name in ("_parameters", "_buffers"):
         for mod_name, mod in gm.named_modules():
@@ -204,8 +204,8 @@ def compile_checkpoint(path: str | os.PathLike, passes: Iterable[Any] = (), *, c
                        calibration_batch_size: int = 1, instruments: Sequence[Any] = ()) -> fx.GraphModule:
     """``qcompile.compile`` of the checkpoint at ``path`` with its weights streamed (module docstring).
 
-    Returns the compiled graph module, its decoder layers still in the store (``save`` writes it
-    out; ``materialized`` reads it all into memory)."""
+    Returns the compiled graph module, its tensors still in the store (``save`` writes it out;
+    ``materialized`` reads it all into memory)."""
     manager = PassManager(passes, instruments, verify=False)
     ctx = CompileContext(calibration=as_calibration(calibration, calibration_batch_size))
     manager.check(ctx)  # a bad pipeline fails before the trace

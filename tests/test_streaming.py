@@ -97,7 +97,7 @@ def test_streamed_compile_equals_in_memory(recipe, kind, checkpoints, calib, in_
     gm = streaming.compile_checkpoint(checkpoints[kind], recipes.get(recipe).passes(), calibration=calib)
     store = store_of(gm)
     assert store is not None
-    assert store.layers == {"prefix": ("model.embed_tokens.weight",), "layer.0": ("model.layers.0",),
+    assert store.groups == {"prefix": ("model.embed_tokens.weight",), "layer.0": ("model.layers.0",),
                             "layer.1": ("model.layers.1",), "layer.2": ("model.layers.2",),
                             "suffix": ("lm_head.weight", "model.norm.weight")}
     # no parameter is in memory once the compile returns
@@ -129,7 +129,7 @@ def test_one_decoder_layer_in_memory_at_a_time(checkpoints, calib, monkeypatch):
     assert seen and max(seen) == 1
     one_layer = sum(t.numel() * t.element_size() for n, t in tiny_llama(layers=3).named_parameters()
                     if n.startswith("model.layers.0."))
-    assert store_of(gm).peak_layer_bytes <= 1.25 * one_layer  # the lowered tensors are smaller
+    assert store_of(gm).peak_group_bytes <= 1.25 * one_layer  # the lowered tensors are smaller
 
 
 def test_checkpoint_reads_every_shard_tensor(checkpoints):
