@@ -184,8 +184,9 @@ def _report_table(rows: list[dict[str, Any]]) -> str:
 def cmd_compile(args) -> None:
     import qcompile
     out = Path(args.out) if args.out else None
-    if out and out.exists() and not args.force:
-        raise CLIError(f"{out} already exists; pass --force to replace it")
+    for target in (out, Path(args.export) if args.export else None):
+        if target and target.exists() and not args.force:
+            raise CLIError(f"{target} already exists; pass --force to replace it")
     from qcompile import distributed
     distributed.init_from_env(_device(args.device))  # under torchrun: the ranks split the windows
     streamed = _streams(args)
@@ -210,6 +211,20 @@ def cmd_compile(args) -> None:
             raise CLIError(str(err)) from err
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"saved to {out} ({size / 2**20:.1f} MiB)")
+    if args.export:
+        _export_compiled(gm, Path(args.export), tok, args)
+
+
+def _export_compiled(gm, target: Path, tok, args) -> None:
+    """``compile --export DIR``: the compiled model as compressed-tensors (a streamed compile is
+    converted and written group by group)."""
+    from qcompile.export import ExportError, export
+    try:
+        export(gm, target, tokenizer=tok, dtype=args.float_dtype, overwrite=args.force)
+    except ExportError as err:
+        raise CLIError(f"--export: {err}") from err
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    print(f"exported as compressed-tensors to {target} ({size / 2**20:.1f} MiB)")
 
 
 def _load_compiled(path: str):
@@ -482,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--stream", action="store_true",
                    help="read the checkpoint's weights one decoder layer at a time (models bigger than memory)")
+    p.add_argument("--export", metavar="DIR",
+                   help="also write the compiled model as a compressed-tensors checkpoint (pip install 'qcompile[export]')")
     p.add_argument("--max-memory", type=_size, metavar="SIZE",
                    help="stream when the in-memory compile would need more (default: the memory available)")
     p.add_argument("--float-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",

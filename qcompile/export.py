@@ -60,6 +60,7 @@ from torch import nn
 from qcompile import atomic_dir
 from qcompile.formats import LoweredNode, PerGroup, lowered_nodes, registered_schemes
 from qcompile.formats.scheme import NotRepresentable
+from qcompile.param_store import store_of
 
 __all__ = ["export", "load_compressed_tensors", "ExportError", "FORMATS", "compressed_tensors_plan"]
 
@@ -449,6 +450,51 @@ def _write_shards(tmp: Path, tensors: dict[str, torch.Tensor], max_shard_size: i
     return files
 
 
+def _write_streamed(tmp: Path, plan: dict[str, Any], gm: fx.GraphModule, dtype: torch.dtype,
+                    max_shard_size: int, store: Any) -> list[str]:
+    """``_write_shards`` for a streamed compile (``qcompile.param_store``): each group of the store
+    is read in, converted and written as its own shard(s), so memory holds one group's tensors."""
+    from safetensors.torch import save_file
+
+    by_group: dict[str | None, dict[str, Any]] = {}
+    for key, shape in plan["keys"].items():
+        by_group.setdefault(store.group_of(key), {})[key] = shape
+    shards: list[tuple[Path, list[str]]] = []
+    total = 0
+    for group in [*store.groups, None]:  # None: the tensors kept in memory (tied ones)
+        if group not in by_group:
+            continue
+        store.activate(group)
+        try:
+            part = _state_dict({**plan, "keys": by_group[group], "state": _gm_tensors(gm)}, gm, dtype)
+        except NotRepresentable as err:
+            raise ExportError(f"cannot export to compressed-tensors: {err}") from err
+        chunk: dict[str, torch.Tensor] = {}
+        for name in sorted(part):
+            n = part[name].numel() * part[name].element_size()
+            if chunk and sum(t.numel() * t.element_size() for t in chunk.values()) + n > max_shard_size:
+                shards.append(_save_part(tmp, len(shards), chunk, save_file))
+                chunk = {}
+            chunk[name] = part[name]
+            total += n
+        shards.append(_save_part(tmp, len(shards), chunk, save_file))
+    store.release()
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, (path, names) in zip(files, shards):
+        path.rename(tmp / fname)
+        weight_map.update({k: fname for k in names})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def _save_part(tmp: Path, i: int, tensors: dict[str, torch.Tensor], save_file: Any) -> tuple[Path, list[str]]:
+    path = tmp / f"part-{i}.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, sorted(tensors)
+
+
 def _float_dtype(gm: fx.GraphModule, dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(dtype, str):
         table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -485,8 +531,9 @@ def export(gm: fx.GraphModule, directory: str | os.PathLike, format: str = "comp
         raise ExportError(f"max_shard_size must be positive, got {max_shard_size}")
     float_dtype = _float_dtype(gm, dtype)
     plan = compressed_tensors_plan(gm, tensor_parallel)
+    store = store_of(gm)  # a streamed compile: its tensors are converted group by group while writing
     try:
-        tensors = _state_dict(plan, gm, float_dtype)
+        tensors = _state_dict(plan, gm, float_dtype) if store is None else {}
     except NotRepresentable as err:
         raise ExportError(f"cannot export to compressed-tensors: {err}") from err
     config = plan["config"]
@@ -504,7 +551,8 @@ def export(gm: fx.GraphModule, directory: str | os.PathLike, format: str = "comp
                "schemes": {ln.module: ln.scheme.to_json() for ln in plan["nodes"]}}
 
     def fill(tmp: Path) -> None:
-        files = _write_shards(tmp, tensors, max_shard_size)
+        files = (_write_shards(tmp, tensors, max_shard_size) if store is None else
+                 _write_streamed(tmp, plan, gm, float_dtype, max_shard_size, store))
         (tmp / "config.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         (tmp / _SIDE_CAR).write_text(json.dumps({**sidecar, "files": files}, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:

@@ -186,8 +186,10 @@ def test_cli_streams_past_max_memory(cli_checkpoint, capsys):
     d = cli_checkpoint
     common = ["compile", str(d / "ckpt"), "--recipe", "gptq-w4a16", "--calib", str(d / "text.txt"),
               "--calib-windows", "2", "--calib-len", "32"]
-    assert main(common + ["--max-memory", "1KB", "--out", str(d / "streamed")]) == 0
-    assert "streamed layer by layer" in capsys.readouterr().out
+    assert main(common + ["--max-memory", "1KB", "--out", str(d / "streamed"), "--export", str(d / "ct")]) == 0
+    stdout = capsys.readouterr().out
+    assert "streamed layer by layer" in stdout and "exported as compressed-tensors" in stdout
+    assert (d / "ct" / "model.safetensors.index.json").is_file() and (d / "ct" / "tokenizer.json").is_file()
     assert main(common + ["--max-memory", "1TB", "--out", str(d / "in_memory")]) == 0
     assert "streamed" not in capsys.readouterr().out
     got, want = _saved(d / "streamed")[0], _saved(d / "in_memory")[0]
@@ -261,3 +263,31 @@ def test_tied_embeddings_stay_one_tensor(tmp_path, calib):
     (got, got_manifest), (want, want_manifest) = _saved(tmp_path / "streamed"), _saved(tmp_path / "in_memory")
     assert got_manifest["tensors"] == want_manifest["tensors"]  # lm_head saved as an alias of the embedding
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w8a8", "aweq-w8a8", "gptq-w4a16"])
+def test_streamed_export_equals_in_memory_export(recipe, checkpoints, calib, tmp_path):
+    """compressed-tensors from a streamed compile: written group by group (one or more shards each),
+    the same tensors and config.json as the in-memory compile's export."""
+    pytest.importorskip("compressed_tensors")
+    from qcompile.export import export
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["single"]).eval()
+    export(qcompile.compile(model, recipes.get(recipe).passes(), calibration=calib, inplace=True), tmp_path / "mem")
+    gm = streaming.compile_checkpoint(checkpoints["sharded"], recipes.get(recipe).passes(), calibration=calib)
+    export(gm, tmp_path / "streamed")
+
+    def tensors(d: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    got, want = tensors(tmp_path / "streamed"), tensors(tmp_path / "mem")
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("streamed", "mem")]
+    for c in configs:
+        c.pop("_name_or_path")  # the checkpoint directory each was read from
+    assert configs[0] == configs[1]
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(got)
+    assert len(set(index["weight_map"].values())) == 5  # prefix, 3 layers, suffix
+    assert all(t.is_meta for t in gm.parameters())  # the export released every group again
