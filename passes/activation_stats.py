@@ -85,7 +85,8 @@ class _Accumulator:
         all_reduce_(self.min, "min")
         all_reduce_(self.max, "max")
         all_reduce_(self.sum_abs, "sum")
-        self.tokens = int(all_reduce_(torch.tensor([self.tokens], dtype=torch.float64), "sum").item())
+        count = torch.tensor([self.tokens], dtype=torch.float64, device=self.absmax.device)  # NCCL: on the GPU
+        self.tokens = int(all_reduce_(count, "sum").item())
 
     def result(self) -> ChannelStats:
         return ChannelStats(self.absmax, self.min, self.max, self.sum_abs, self.tokens)

@@ -135,7 +135,8 @@ class _Moments:
         for name in ("sum_x", "sum_y"):
             if getattr(self, name) is not None:
                 all_reduce_(getattr(self, name), "sum")
-        counts = all_reduce_(torch.tensor([self.n_x, self.n_y], dtype=torch.float64), "sum")
+        device = next((t.device for t in (self.sum_x, self.sum_y) if t is not None), torch.device("cpu"))
+        counts = all_reduce_(torch.tensor([self.n_x, self.n_y], dtype=torch.float64, device=device), "sum")
         self.n_x, self.n_y = int(counts[0]), int(counts[1])
 
     @property
