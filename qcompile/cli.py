@@ -154,7 +154,8 @@ def _compile_streamed(args):
     calib = _calibration(args, tok, text)
     t0 = time.perf_counter()
     try:
-        gm = streaming.compile_checkpoint(args.model, recipe.passes(), calibration=calib, device=device)
+        gm = streaming.compile_checkpoint(args.model, recipe.passes(), calibration=calib, device=device,
+                                          spill_dir=args.spill_dir)
     except streaming.CheckpointError as err:
         raise CLIError(str(err)) from err
     except (qcompile.PassError, qcompile.PipelineError, qcompile.TraceError) as err:
@@ -497,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--stream", action="store_true",
                    help="read the checkpoint's weights one decoder layer at a time (models bigger than memory)")
+    p.add_argument("--spill-dir", metavar="DIR",
+                   help="streamed: where changed layers and offloaded analyses wait (up to about the "
+                        "checkpoint's size again; default a temporary directory)")
     p.add_argument("--export", metavar="DIR",
                    help="also write the compiled model as a compressed-tensors checkpoint (pip install 'qcompile[export]')")
     p.add_argument("--max-memory", type=_size, metavar="SIZE",

@@ -73,6 +73,7 @@ class ParameterStore:
     (``"model.layers.0"``: every tensor under it, lowered ones included) or tensor names
     (``"model.embed_tokens.weight"``). ``source(name)``: the original tensor called ``name``.
     ``device``: where an active group's tensors live (calibration and GPTQ run there).
+    ``spill_dir``: where the store makes its directory (default: the system's temporary one).
     """
 
     def __init__(self, gm: fx.GraphModule, groups: dict[str, Sequence[str]],
@@ -82,11 +83,11 @@ class ParameterStore:
         self.device = torch.device(device)
         self.groups = {g: tuple(owned) for g, owned in groups.items()}
         self.source = source
-        if spill_dir is None:
-            spill_dir = tempfile.mkdtemp(prefix="qcompile-store-")
-            weakref.finalize(self, shutil.rmtree, spill_dir, True)
-        self.spill_dir = Path(spill_dir)
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        if spill_dir is not None:
+            Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        # a directory of its own (inside ``spill_dir`` when given), removed with the store
+        self.spill_dir = Path(tempfile.mkdtemp(prefix="qcompile-store-", dir=spill_dir))
+        weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         self.active: str | None = None
         self._read: dict[str, tuple[int, int]] = {}  # name -> (id, version) when it was read
         self._spilled: set[str] = set()

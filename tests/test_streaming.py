@@ -180,13 +180,27 @@ def cli_checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("cli"), layers=3, max_shard_size="100KB")
 
 
-def test_cli_streams_past_max_memory(cli_checkpoint, capsys):
+def test_cli_streams_past_max_memory(cli_checkpoint, capsys, monkeypatch):
+    import gc
+
     from qcompile.cli import main
+
+    spills: list = []
+    real = streaming.compile_checkpoint
+
+    def compile_checkpoint(*args, **kwargs):
+        spills.append(kwargs.get("spill_dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "compile_checkpoint", compile_checkpoint)
 
     d = cli_checkpoint
     common = ["compile", str(d / "ckpt"), "--recipe", "gptq-w4a16", "--calib", str(d / "text.txt"),
               "--calib-windows", "2", "--calib-len", "32"]
-    assert main(common + ["--max-memory", "1KB", "--out", str(d / "streamed"), "--export", str(d / "ct")]) == 0
+    assert main(common + ["--max-memory", "1KB", "--out", str(d / "streamed"), "--export", str(d / "ct"),
+                          "--spill-dir", str(d / "spill")]) == 0
+    gc.collect()  # the store goes with the compiled module, and its directory with it
+    assert spills == [str(d / "spill")] and (d / "spill").is_dir() and not any((d / "spill").iterdir())
     stdout = capsys.readouterr().out
     assert "streamed layer by layer" in stdout and "exported as compressed-tensors" in stdout
     assert (d / "ct" / "model.safetensors.index.json").is_file() and (d / "ct" / "tokenizer.json").is_file()
