@@ -375,10 +375,11 @@ def main() -> None:
                  f"the same tensor for both tools; evaluation: the first {windows.shape[0]} non-overlapping "
                  "2048-token windows of the test text, mean next-token NLL per window (qcompile's "
                  "`window_nlls`, reimplemented line for line in the worker), exp of the mean.")
-    grid = default_grid(4)
+    grid_pc, grid_g = default_grid(4, "gptq"), default_grid(4, "gptq", True)
     lines.append("Settings: 4-bit symmetric weights, every Linear except lm_head, block 128, dampening 0.01, "
-                 "static activation order, on both sides. Grids differ: qcompile's default 4-bit grid is "
-                 f"{grid!r} (scale = absmax / {symmetric_qmax(4, grid):g}), compressed-tensors' min-max "
+                 "static activation order, on both sides. qcompile's default GPTQ grids: per channel "
+                 f"{grid_pc!r} (scale = absmax / {symmetric_qmax(4, grid_pc):g}), in groups {grid_g!r} "
+                 f"(absmax / {symmetric_qmax(4, grid_g):g}); compressed-tensors' min-max "
                  "observer uses absmax / 7.5 (all 16 levels). qcompile rounds each decoder layer's linears "
                  "in groups by shared input (q/k/v, o, gate/up, down), each group seeing the rounded ones "
                  "before it; llm-compressor collects every linear's Hessian of a decoder layer in one pass "

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
-from qcompile.formats import Granularity, PerRow, check_grid, default_grid, granularity_from, quantize_weight
+from qcompile.formats import Granularity, PerGroup, PerRow, check_grid, default_grid, granularity_from, quantize_weight
 from qcompile.graph_query import linear_sites
 from qcompile.layerwise import layer_samples
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, PipelineError, register_pass
@@ -95,7 +95,8 @@ class ClipSearch(Pass):
         object.__setattr__(self, "w_granularity", granularity_from(self.w_granularity))
         if self.w_bits not in (3, 4, 8):
             raise ValueError(f"ClipSearch: w_bits must be 3, 4 or 8, got {self.w_bits}")
-        object.__setattr__(self, "w_grid", check_grid(self.w_grid or default_grid(self.w_bits)))
+        grouped = isinstance(self.w_granularity, PerGroup)
+        object.__setattr__(self, "w_grid", check_grid(self.w_grid or default_grid(self.w_bits, "rtn", grouped)))
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         for name in ("targets", "ignore"):
             value = getattr(self, name)

