@@ -298,6 +298,9 @@ E2E_RECIPES = {  # name in the table -> passes (speed twins of the built-in reci
     "rtn-w8a8": "rtn-w8a8",
     "rtn-w4a16": "rtn-w4a16",
     "rtn-w4a16-g128": "rtn-w4a16-g128",
+    # the SmolLM2 GGUF llama.cpp runs has 4-bit linears and an 8-bit (Q8_0) output projection
+    "rtn-w4a16 + W8 lm_head": [{"pass": "quantize_linears", "w_bits": 4, "a_bits": None, "ignore": [],
+                                "overrides": {"re:(.*\\.)?lm_head": {"w_bits": 8}}}],
     "~quik-w4a4 (RTN)": [{"pass": "activation_stats"}, {"pass": "select_outliers", "k": 32},
                          {"pass": "reorder_outliers"},
                          {"pass": "quantize_linears", "w_bits": 4, "a_bits": 4, "outliers": True,
@@ -399,31 +402,92 @@ def bench_e2e(which: list[str], recipes: list[str], layers: int, prefill_len: in
     return rows
 
 
+LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_CPP_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # GGUF weight types timed (Q4_1: the shipped file itself)
+_LLAMA_CPP_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+import llama_cpp
+gguf, cache, prefill_len, decode_tokens, threads, types = sys.argv[1:7]
+prefill_len, decode_tokens, threads = int(prefill_len), int(decode_tokens), int(threads)
+rows = []
+for name in types.split(","):
+    path = Path(cache) / f"smollm2-135m-{name}.gguf"
+    if name == "Q4_1":
+        path = Path(gguf)
+    elif not path.exists():
+        # speed does not depend on the values: requantizing the shipped Q4_1 file gives Q8_0 / Q4_0
+        # tensors of the same layout and cost as a conversion from float would
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+        params.allow_requantize = True
+        params.nthread = threads
+        tmp = path.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(gguf.encode(), str(tmp).encode(), params) != 0:
+            raise SystemExit(f"llama_model_quantize to {name} failed")
+        tmp.rename(path)
+    llm = llama_cpp.Llama(str(path), n_ctx=prefill_len + decode_tokens + 32, n_threads=threads,
+                          n_threads_batch=threads, n_batch=prefill_len, n_ubatch=512, verbose=False)
+    gen = __import__("random").Random(1)
+    prompt = [gen.randrange(100, 1000) for _ in range(prefill_len)]
+    best_p, best_d = float("inf"), float("inf")
+    for _ in range(4):  # the first round warms up; the best of the rest counts
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        best_p = min(best_p, time.perf_counter() - t0)
+        llm.reset()
+        llm.eval(prompt[:16])
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            tok = llm.sample(temp=0.0)
+            llm.eval([tok])
+        best_d = min(best_d, time.perf_counter() - t0)
+    rows.append({"type": name, "prefill tok/s": prefill_len / best_p, "decode tok/s": decode_tokens / best_d})
+    print(json.dumps(rows[-1]), flush=True)
+    del llm
+print("RESULT " + json.dumps({"version": llama_cpp.__version__, "rows": rows}))
+"""
+
+
+def llama_cpp_python() -> tuple[str | None, str]:
+    """A venv with llama-cpp-python (``LLAMA_CPP_VERSION``, built from source by pip: about 10
+    minutes on 2 cores the first time), made under the qcompile cache. (python, note)."""
+    import venv
+    base = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile")) / f"llama-cpp-python-{LLAMA_CPP_VERSION}-venv"
+    py = base / "bin" / "python"
+    ok = py.exists() and subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    if not ok:
+        if not py.exists():
+            venv.EnvBuilder(with_pip=True).create(base)
+        print(f"building llama-cpp-python {LLAMA_CPP_VERSION} into {base} (minutes)", flush=True)
+        res = subprocess.run([str(py), "-m", "pip", "install", "-q", f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+                             capture_output=True, text=True)
+        if res.returncode:
+            return None, f"pip install llama-cpp-python failed: {res.stderr[-300:]}"
+    return str(py), f"llama-cpp-python {LLAMA_CPP_VERSION} in {base} (its own venv, built here with its default native flags)"
+
+
 def bench_llama_cpp(prefill_len: int, decode_tokens: int) -> tuple[list[dict], str]:
-    """llama.cpp (llama-cpp-python) on the same SmolLM2 GGUF file, when it is installed here."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return [], "llama-cpp-python is not installed in this environment: llama.cpp not run"
-    from qcompile.models import builtin_gguf_path
+    """llama.cpp on SmolLM2's GGUF (the shipped Q4_1 file, and Q8_0 / Q4_0 requantized from it),
+    in its own process and venv, with torch's thread count; best of 3 rounds after a warm-up."""
+    import json
+    from qcompile.models import builtin_gguf_path, cache_dir
+    py, note = llama_cpp_python()
+    if py is None:
+        return [], f"llama.cpp not run: {note}"
     threads = torch.get_num_threads()
-    llm = llama_cpp.Llama(str(builtin_gguf_path("smollm2-135m")), n_ctx=prefill_len + decode_tokens + 16,
-                          n_threads=threads, n_batch=512, verbose=False)
-    prompt = [int(t) for t in torch.randint(100, 1000, (prefill_len,), generator=torch.Generator().manual_seed(1))]
-    t0 = time.perf_counter()
-    llm.reset()
-    llm.eval(prompt)
-    prefill = prefill_len / (time.perf_counter() - t0)
-    llm.reset()
-    llm.eval(prompt[:16])
-    t0 = time.perf_counter()
-    for _ in range(decode_tokens):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-    decode = decode_tokens / (time.perf_counter() - t0)
-    row = {"model": "SmolLM2-135M", "variant": f"llama.cpp {llama_cpp.__version__} (GGUF Q4_1)", "dtype": "q4_1",
-           "decode": "llama.cpp", "prefill tok/s": prefill, "decode tok/s": decode}
-    return [row], f"llama.cpp {llama_cpp.__version__}, {threads} threads"
+    res = subprocess.run([py, "-c", _LLAMA_CPP_SCRIPT, str(builtin_gguf_path("smollm2-135m")), str(cache_dir()),
+                          str(prefill_len), str(decode_tokens), str(threads), ",".join(LLAMA_CPP_TYPES)],
+                         capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode or not lines:
+        return [], f"llama.cpp run failed: {res.stderr[-500:]}"
+    out = json.loads(lines[-1][7:])
+    rows = [{"model": "SmolLM2-135M", "variant": f"llama.cpp {out['version']} GGUF {r['type']}",
+             "dtype": r["type"].lower(), "decode": "llama.cpp", "prefill tok/s": r["prefill tok/s"],
+             "decode tok/s": r["decode tok/s"]} for r in out["rows"]]
+    return rows, f"{note}; {threads} threads, n_batch {prefill_len}, n_ubatch 512; timed right after the rounds above, so not interleaved with them"
 
 
 def e2e_table(rows: list[dict]) -> str:
