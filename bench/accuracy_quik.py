@@ -34,7 +34,8 @@ YARDSTICK = {"fp32": 20.38, "rtn_w4a4_o0": 10152.0, "rtn_w4a4_o32": 120.7, "rtn_
 
 def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
     from qcompile.formats import PerGroup, PerRow
-    from qcompile.passes import GPTQ, ActivationStats, QuantizeLinears, ReorderOutliers, SelectOutliers
+    from qcompile.passes import (GPTQ, ActivationStats, ClipSearch, QuantizeLinears, ReorderOutliers,
+                                 SelectOutliers)
 
     down8 = {"re:.*down_proj": {"w_bits": 8, "a_bits": 8}}
 
@@ -52,11 +53,13 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
         return make
 
     def w_only(bits: int, group: int, gptq: bool, clip: bool = False, act_order: bool | None = None,
-               grid: str | None = None) -> Callable[[], list]:
+               grid: str | None = None, clip_search: bool = False) -> Callable[[], list]:
         def make() -> list:
             gran = PerGroup(group) if group else PerRow()
-            p: list = [GPTQ(w_bits=bits, group_size=group, clip=clip, act_order=act_order, grid=grid)
-                       ] if gptq else []
+            # clip_search: ClipSearch's ratios (chosen on calibration outputs) set GPTQ's scales
+            p: list = [ClipSearch(w_bits=bits, w_granularity=gran)] if clip_search else []
+            p += [GPTQ(w_bits=bits, group_size=group, clip=clip, act_order=act_order, grid=grid)
+                  ] if gptq else []
             return p + [QuantizeLinears(w_bits=bits, a_bits=None, w_granularity=gran, w_grid=grid)]
         return make
 
@@ -85,6 +88,10 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
         "gptq_w3a16_g128": ("GPTQ W3A16 g128", w_only(3, 128, True)),
         "gptq_clip_w4a16_g128": ("GPTQ + clip W4A16 g128", w_only(4, 128, True, clip=True)),
         "gptq_clip_w3a16_g128": ("GPTQ + clip W3A16 g128", w_only(3, 128, True, clip=True)),
+        "clipsearch_gptq_w4a16": ("ClipSearch + GPTQ W4A16 per channel", w_only(4, 0, True, clip_search=True)),
+        "clipsearch_gptq_w4a16_g128": ("ClipSearch + GPTQ W4A16 g128", w_only(4, 128, True, clip_search=True)),
+        "clipsearch_gptq_w3a16_g128": ("ClipSearch + GPTQ W3A16 g128", w_only(3, 128, True, clip_search=True)),
+        "clipsearch_w4a16": ("ClipSearch + RTN W4A16 per channel", w_only(4, 0, False, clip_search=True)),
     })
     # the symmetric-grid and act-order decision (issue 15): every method x bits x granularity x grid,
     # e.g. rtn_w4a16_g128_full, gptq-ao_w3a16_restricted (act-order), gptq-nat_w4a16_full

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from qcompile.analysis import AnalysisResult
 from qcompile.distributed import all_mean_, from_owners, owner, shard, world
-from qcompile.formats import RoundedWeights, check_grid, default_grid
+from qcompile.formats import PerGroup, PerRow, RoundedWeights, check_grid, default_grid
 from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
@@ -74,7 +74,12 @@ class GPTQ(Pass):
     found up front in column order, so the stored layout is unchanged); None (the default) turns
     it on except in QUIK mode, whose column order is the activation order. ``grid``: the symmetric
     grid (``qcompile.formats.GRIDS``), None for the format layer's default for the bits. The work
-    runs where the model's weights are (CUDA or CPU), layer by layer."""
+    runs where the model's weights are (CUDA or CPU), layer by layer.
+
+    Clipping: after a ``ClipSearch`` for the same quantizer (not in QUIK mode), each row's scale is
+    its abs-max times the ratio the search chose on calibration outputs (the grid then follows the
+    search's unless one is given); ``clip=True`` instead searches each row's ratio on the weights
+    alone (|Q(w) - w|^2.4)."""
 
     w_bits: int = 4
     group_size: int = 0
@@ -143,6 +148,9 @@ class GPTQ(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         start, cpu_start = time.perf_counter(), time.process_time()
         outliers = ctx.analyses.get("outliers", {}) if self.outliers else {}
+        # per-row ranges a ClipSearch before this pass chose on calibration outputs (not in QUIK mode,
+        # whose outlier columns the search did not leave out)
+        clips = ctx.analyses.get("weight_clip", {}) if not self.outliers else {}
         stats = ctx.analyses.get("activation_stats", {})
         records: dict[str, GPTQRecord] = {}
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
@@ -166,7 +174,7 @@ class GPTQ(Pass):
                 for s in groups[x]:
                     batches.setdefault(self.settings_for(s.module), []).append(s)
                 for settings, batch in batches.items():
-                    rows.extend(self._round_spread(gm, batch, accs[x].h, outliers, stats, records, settings))
+                    rows.extend(self._round_spread(gm, batch, accs[x].h, outliers, stats, records, settings, clips))
                 done.update(s.module for s in groups[x])
 
             for x in groups:  # inputs computed by an earlier group: cached, final already
@@ -201,14 +209,15 @@ class GPTQ(Pass):
         return PassResult(gm, bool(rows), notes, rows, updated)
 
     def _round_spread(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict, stats: dict,
-                      records: dict, settings: tuple[int, int, bool, bool, str]) -> list[dict]:
+                      records: dict, settings: tuple[int, int, bool, bool, str], clips: Any = None) -> list[dict]:
         """``_round_group``, its linears spread over the processes (``qcompile.distributed``): each
         rounds its own and every process receives every rounded weight and record. Alone, one call."""
         rank, size = world()
         if size == 1:
-            return self._round_group(gm, group, h, outliers, stats, records, settings)
+            return self._round_group(gm, group, h, outliers, stats, records, settings, clips)
         mine = [i for i in range(len(group)) if owner(i) == rank]
-        rows = self._round_group(gm, [group[i] for i in mine], h, outliers, stats, records, settings) if mine else []
+        rows = (self._round_group(gm, [group[i] for i in mine], h, outliers, stats, records, settings, clips)
+                if mine else [])
         local = {i: (row, _in_memory(records[group[i].module]), group[i].weight_tensor(gm).detach())
                  for i, row in zip(mine, rows)}
         out = []
@@ -218,12 +227,31 @@ class GPTQ(Pass):
             out.append(row)
         return out
 
+    def _given_clips(self, group: list, ws: list, clips: Any,
+                     settings: tuple[int, int, bool, bool, str]) -> tuple[torch.Tensor | None, str]:
+        """(per-row clip ratios for the group's stacked rows, grid) when a ClipSearch chose ratios for
+        every linear of the group for this quantizer, else (None, grid). A grid left to the default
+        follows the records' (the ratios were searched on it); one asked for must match them."""
+        bits, group_size, symmetric, _, grid = settings
+        pattern = first_match(group[0].module, self.overrides)
+        explicit = (self.overrides[pattern].get("grid") if pattern else None) or self.grid
+        found = [clips.get(s.module) for s in group]
+        if not found or any(r is None for r in found):
+            return None, grid
+        use = grid if explicit or not symmetric else found[0].grid
+        if not all(r.applies_to(bits, _clip_granularity(group_size), symmetric, w.shape[0], use)
+                   for r, w in zip(found, ws)):
+            return None, grid
+        return torch.cat([r.ratio.float() for r in found]), use
+
     def _round_group(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict,
-                     stats: dict, records: dict, settings: tuple[int, int, bool, bool, str]) -> list[dict]:
+                     stats: dict, records: dict, settings: tuple[int, int, bool, bool, str],
+                     clips: Any = None) -> list[dict]:
         """Round the linears sharing input Hessian ``h`` in one GPTQ call (rows are independent),
         on the device the Hessian was accumulated on (where the layer's activations are)."""
         bits, group_size, symmetric, clip, grid = settings
         ws = [s.weight_tensor(gm).detach() for s in group]
+        ratio, grid = self._given_clips(group, ws, clips or {}, settings)
         k = ws[0].shape[1]
         perm, keep = None, 0
         if self.outliers:
@@ -243,7 +271,7 @@ class GPTQ(Pass):
         w_all = torch.cat(ws, dim=0)
         res = gptq_quantize(w_all, h, bits, group_size, symmetric, bool(self.act_order),
                             self.block_size, self.damp, keep_last=keep, clip_search=clip, perm=perm, grid=grid,
-                            compute_error=False)  # per linear below
+                            compute_error=False, clip_ratio=ratio)  # per linear below
         rows, start = [], 0
         for s, w in zip(group, ws):
             n = w.shape[0]
@@ -262,9 +290,14 @@ class GPTQ(Pass):
                 outlier_weight=res.outlier_weight[part].to(**on_w).contiguous(),
                 error=err, rtn_error=rtn_err))  # on disk until lowered, if streamed
             rows.append({"module": s.module, "shape": f"{n}x{k}", "bits": bits, "fp16 cols": keep,
+                         "clip": "ClipSearch" if ratio is not None else ("searched" if clip else "-"),
                          "GPTQ error": float(f"{err:.4g}"), "RTN error": float(f"{rtn_err:.4g}"),
                          "GPTQ/RTN": round(err / max(rtn_err, 1e-30), 3)})
         return rows
+
+
+def _clip_granularity(group_size: int) -> Any:
+    return PerGroup(group_size) if group_size else PerRow()
 
 
 def _in_memory(record: Any) -> Any:

@@ -113,10 +113,13 @@ def _fake(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi:
 
 
 def find_scale(w: torch.Tensor, bits: int, symmetric: bool = True, clip_search: bool = False,
-               norm: float = CLIP_NORM, chunk: int = 16, grid: str = "restricted"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               norm: float = CLIP_NORM, chunk: int = 16, grid: str = "restricted",
+               ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) of w [R, C]; with ``clip_search`` the shrink of the range (1.00 down
-    to 0.21 in 0.01 steps) minimizing sum |Q(w) - w|^norm is chosen per row."""
+    to 0.21 in 0.01 steps) minimizing sum |Q(w) - w|^norm is chosen per row; ``ratio`` [R]: that
+    shrink given (e.g. chosen on calibration outputs by ``ClipSearch``), no search."""
+    if ratio is not None:
+        return _scale_zero(w, ratio.to(w.device, w.dtype), bits, symmetric, grid)
     if not clip_search:
         return _scale_zero(w, 1.0, bits, symmetric, grid)
     lo, hi = int_range(bits, symmetric)
@@ -210,7 +213,8 @@ def _native_lib():
 
 def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor, kq: int, k: int, block_size: int, bits: int, symmetric: bool,
-                 clip_search: bool, gs: int, grid: str = "restricted") -> torch.Tensor:
+                 clip_search: bool, gs: int, grid: str = "restricted",
+                 ratio: torch.Tensor | None = None) -> torch.Tensor:
     """The column loop, in place on the permuted weight ``wp``: rounds columns [0, kq), spreads
     the error onto all later columns (including the float ones), returns the integers [N, kq].
     ``gs`` > 0: dynamic groups, whose scales are found when their first column is reached, over
@@ -239,7 +243,8 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
             stop = iq - i1
             if dynamic_groups:
                 if col % gs == 0:
-                    s, z = find_scale(w1[:, i:min(i + gs, iq - i1)], bits, symmetric, clip_search, grid=grid)
+                    s, z = find_scale(w1[:, i:min(i + gs, iq - i1)], bits, symmetric, clip_search, grid=grid,
+                                      ratio=ratio)
                     scale[:, group_of[col]], zero[:, group_of[col]] = s, z
                 stop = min(stop, i + gs - col % gs)    # up to the next group's first column
             if dll is not None:
@@ -269,7 +274,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
                   symmetric: bool = True, act_order: bool = False, block_size: int = 128,
                   damp: float = 0.01, keep_last: int = 0, clip_search: bool = False,
                   perm: torch.Tensor | None = None, grid: str = "restricted",
-                  compute_error: bool = True) -> GPTQResult:
+                  compute_error: bool = True, clip_ratio: torch.Tensor | None = None) -> GPTQResult:
     """GPTQ-round ``w`` [N, K] against the Hessian ``h`` [K, K] (float32 or float64: the work
     runs in h's dtype; on h's device).
 
@@ -278,7 +283,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     (``group_size`` 0) or per ``group_size`` consecutive quantized columns, computed from the
     current (error-updated) weights when each group is reached if the processing order is the
     natural one, else up front from the original weights (GPTQ's "static groups").
+    ``clip_ratio`` [N]: each row's range shrink for those scales (abs-max x ratio), given instead
+    of searched.
     """
+    if clip_ratio is not None and clip_ratio.shape != (w.shape[0],):
+        raise ValueError(f"clip_ratio must hold one ratio per row ({w.shape[0]}), got {tuple(clip_ratio.shape)}")
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"gptq_quantize: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} "
                          "do not match (H must be [K, K] for W [N, K])")
@@ -315,12 +324,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     group_of = torch.zeros(k, dtype=torch.long, device=device)
     group_of[quant_idx] = (torch.arange(kq, device=device) // gs) if gs else 0
     if gs == 0 and kq:
-        s, z = find_scale(wf[:, quant_idx], bits, symmetric, clip_search, grid=grid)
+        s, z = find_scale(wf[:, quant_idx], bits, symmetric, clip_search, grid=grid, ratio=clip_ratio)
         scale[:, 0], zero[:, 0] = s, z
     elif gs and not natural:
         for g in range(n_groups):
             c = quant_idx[g * gs:(g + 1) * gs]
-            scale[:, g], zero[:, g] = find_scale(wf[:, c], bits, symmetric, clip_search, grid=grid)
+            scale[:, g], zero[:, g] = find_scale(wf[:, c], bits, symmetric, clip_search, grid=grid,
+                                                 ratio=clip_ratio)
     dynamic_groups = bool(gs) and natural
     if dynamic_groups:
         block_size = gs * max(1, block_size // gs)   # every group lies inside one block
@@ -328,7 +338,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     wp = wf[:, perm].contiguous()
     gp = group_of[perm]
     qp = _gptq_blocks(wp, upper, gp, scale, zero, kq, k, block_size, bits, symmetric, clip_search,
-                      gs if dynamic_groups else 0, grid)
+                      gs if dynamic_groups else 0, grid, ratio=clip_ratio)
 
     # back to the original column order
     q_orig = torch.zeros(n, k, dtype=dtype, device=device)

@@ -209,3 +209,28 @@ def test_layer_run_once_equals_a_rerun_per_group(monkeypatch, make):
     assert list(a) == list(b)
     for name in a:
         assert torch.equal(a[name].q, b[name].q) and torch.equal(a[name].scale, b[name].scale), name
+
+
+def test_clip_search_ratios_set_gptq_scales():
+    """After a ClipSearch for the same quantizer, GPTQ's per-row scales are abs-max x the chosen
+    ratio on the search's grid; without the search they are the plain abs-max ones."""
+    from qcompile.formats import symmetric_qmax
+    from qcompile.passes import ClipSearch
+    model = tiny_llama(layers=1)
+    plain = qcompile.compile(model, [GPTQ(w_bits=4)], calibration=_calib())
+    gm = qcompile.compile(model, [ClipSearch(w_bits=4), GPTQ(w_bits=4)], calibration=_calib())
+    clips, recs = gm.qcompile_analyses["weight_clip"], gm.qcompile_analyses["gptq"]
+    shrunk = 0
+    for name, rec in recs.items():
+        w = dict(model.named_parameters())[name + ".weight"].detach()
+        clip = clips[name]
+        want = w.abs().amax(dim=1) * clip.ratio / symmetric_qmax(4, clip.grid)
+        assert torch.allclose(rec.scale[:, 0], want, rtol=1e-6)
+        shrunk += int((clip.ratio < 1).sum())
+        base = plain.qcompile_analyses["gptq"][name].scale[:, 0]
+        assert torch.allclose(base, w.abs().amax(dim=1) / symmetric_qmax(4, "full"), rtol=1e-6)
+    assert shrunk > 0  # the search did shrink some rows, so the check above could fail
+    # a ClipSearch for another quantizer (3 bits) is not used
+    other = qcompile.compile(model, [ClipSearch(w_bits=3), GPTQ(w_bits=4)], calibration=_calib())
+    for name, rec in other.qcompile_analyses["gptq"].items():
+        assert torch.allclose(rec.scale, plain.qcompile_analyses["gptq"][name].scale)
