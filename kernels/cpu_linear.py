@@ -47,7 +47,8 @@ from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
 __all__ = ["w8a8_linear_cpu", "weight_only_linear_cpu", "w4a4_outlier_linear_cpu", "GEMV_MAX_M",
-           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "layout_builds", "fallbacks_said"]
+           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "layout_builds", "fallbacks_said", "small_m_operands",
+           "packed_weight_matmul"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
 
@@ -167,12 +168,19 @@ class _Prepared:
     and bias the epilogue reads, the int8 weight [N, K] the GEMMs read, and per backend its own
     layout (VNNI column sums; oneDNN's prepacked weight)."""
 
-    def __init__(self, w8: Tensor, sw: Tensor, bias: Tensor | None, extra: dict | None = None):
-        self.w8 = w8
+    def __init__(self, w8: Tensor, sw: Tensor, bias: Tensor | None, extra: dict | None = None,
+                 owner: Tensor | None = None):
+        # the layouts are cached against ``owner`` in a module-level table: holding the owner itself
+        # (the stored int8 weight often is w8) would keep it, and so its entry, alive forever
+        self._w8 = weakref.ref(w8) if w8 is owner else (lambda: w8)
         self.sw = sw.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
         self.extra = extra or {}
         self._colsum = self._onednn = None
+
+    @property
+    def w8(self) -> Tensor:
+        return self._w8()
 
     @property
     def colsum(self) -> Tensor:
@@ -213,7 +221,7 @@ def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | 
                   f"{'without the native helpers ' if nat is None else ''}runs the reference")
         return w8a8_linear_reference(x, qweight, w_scale, bias, act_scale)
     prep = _layout(qweight, "w8a8", (qweight, w_scale, bias, act_scale), lambda: _Prepared(
-        qweight, w_scale, bias, {"static": 0.0 if act_scale is None else float(act_scale.float())}))
+        qweight, w_scale, bias, {"static": 0.0 if act_scale is None else float(act_scale.float())}, owner=qweight))
     static = prep.extra["static"]
     if act_scale is not None and not static > 0.0:  # a zero/NaN calibrated scale: the reference's behaviour
         _say_once("w8a8:static_scale", "w8a8_linear with a non-positive static activation scale runs the reference")
@@ -263,7 +271,7 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
                                              perm, bias, a_bits)
     prep = _layout(qweight, "quik", (qweight, w_scale, row_sum, outlier_weight, bias), lambda: _Prepared(
         quik_int8_weight(qweight, kq), w_scale, bias,
-        {"rs": row_sum.float().contiguous(), "ow": outlier_weight.float().contiguous()}))
+        {"rs": row_sum.float().contiguous(), "ow": outlier_weight.float().contiguous()}, owner=qweight))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -316,45 +324,67 @@ def _dequantized(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
     return w[:, :k]
 
 
+def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None, bits: int,
+                     group_size: int, in_features: int, dtype: torch.dtype) -> tuple | None:
+    """The packed-kernel operands of a weight-only layer for small-M calls with ``dtype``
+    activations, laid out once and cached against the stored tensors: ``(max_m, int4, weight,
+    scales, group, bias, out_features)`` for ``packed_weight_matmul``, or None when no packed kernel
+    takes the layer (said once per kind of shape). ``max_m``: the largest M the kernel is used for."""
+    k = in_features
+    n = qweight.shape[0]
+    if dtype not in _FLOAT_CODES or qweight.stride(1) != 1:
+        return None
+    def bias_in_dtype() -> Tensor | None:
+        return None if bias is None else _layout(qweight, f"bias:{dtype}", (bias,), lambda: bias.to(dtype))
+
+    if is_packed(qweight, bits):
+        lay = _layout(qweight, f"int4pack:{dtype}", (qweight, scale, zero),
+                      lambda: int4pack_layout(qweight, scale, zero, bits, group_size, k, dtype))
+        if lay is not None:
+            return (INT4PACK_MAX_M, True, lay[0], lay[1], lay[2], bias_in_dtype(), n)
+        _say_once(f"int4pack:shape:{k % 32 != 0}:{n % 16 != 0}:{group_size}",
+                  f"weight-only {bits}-bit, K={k}, N={n}, group {group_size or 'per row'}: "
+                  "_weight_int4pack_mm_for_cpu needs N % 16 == 0 and a group of 32..256 dividing K; "
+                  "small-M calls dequantize and run F.linear (the reference's arithmetic)")
+        return None
+    per_row = zero is None and (group_size <= 0 or group_size >= k) and qweight.dtype == torch.int8
+    # torch 2.13's bf16/fp16 _weight_int8pack_mm reads past the row when K % 16 != 0 (segfaults)
+    if per_row and k % 16 == 0:
+        s = _layout(qweight, f"int8pack_scale:{dtype}", (scale,), lambda: int8pack_scale(scale, dtype))
+        return (INT8PACK_MAX_M, False, qweight, s, 0, bias_in_dtype(), n)
+    _say_once(f"int8pack:{zero is not None}:{group_size}:{k % 16 == 0}",
+              f"weight-only {bits}-bit {'asymmetric ' if zero is not None else ''}"
+              f"group {group_size or 'per row'}, K={k}: _weight_int8pack_mm takes symmetric per-row "
+              "int8 with K % 16 == 0 only; small-M calls dequantize and run F.linear (the "
+              "reference's arithmetic)")
+    return None
+
+
+def packed_weight_matmul(x: Tensor, operands: tuple) -> Tensor:
+    """``x`` [..., K] times the layer of ``small_m_operands`` (plain torch ops: ``torch.compile``
+    traces them, so a compiled decode step calls the packed kernels straight, without the custom op)."""
+    _, int4, w, s, g, b, n = operands
+    x2 = x.reshape(-1, x.shape[-1])
+    if int4:
+        y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), w, g, s)
+    else:
+        y = torch._weight_int8pack_mm(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, s)
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], n)
+
+
 def weight_only_linear_cpu(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None,
                            bits: int, group_size: int, in_features: int) -> Tensor:
     """``weight_only_linear_reference`` on CPU kernels (integer kernels for small M, equal to float
     rounding; the reference's arithmetic otherwise, bit for bit)."""
     k = in_features
-    n = qweight.shape[0]
-    lead = x.shape[:-1]
-    x2 = _rows(x, k)
-    m = x2.shape[0]
-    packed = is_packed(qweight, bits)
+    m = x.numel() // k if k else 0
     dtype = x.dtype
-    if m and dtype in _FLOAT_CODES and qweight.stride(1) == 1:
-        y = None
-        if packed and m <= INT4PACK_MAX_M:
-            lay = _layout(qweight, f"int4pack:{dtype}", (qweight, scale, zero),
-                          lambda: int4pack_layout(qweight, scale, zero, bits, group_size, k, dtype))
-            if lay is not None:
-                y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), lay[0], lay[2], lay[1])
-            else:
-                _say_once(f"int4pack:shape:{k % 32 != 0}:{n % 16 != 0}:{group_size}",
-                          f"weight-only {bits}-bit, K={k}, N={n}, group {group_size or 'per row'}: "
-                          "_weight_int4pack_mm_for_cpu needs N % 16 == 0 and a group of 32..256 dividing K; "
-                          "small-M calls dequantize and run F.linear (the reference's arithmetic)")
-        elif not packed and m <= INT8PACK_MAX_M:
-            per_row = zero is None and (group_size <= 0 or group_size >= k) and qweight.dtype == torch.int8
-            # torch 2.13's bf16/fp16 _weight_int8pack_mm reads past the row when K % 16 != 0 (segfaults)
-            if per_row and k % 16 == 0:
-                s = _layout(qweight, f"int8pack_scale:{dtype}", (scale,), lambda: int8pack_scale(scale, dtype))
-                y = torch._weight_int8pack_mm(x2, qweight, s)
-            else:
-                _say_once(f"int8pack:{zero is not None}:{group_size}:{k % 16 == 0}",
-                          f"weight-only {bits}-bit {'asymmetric ' if zero is not None else ''}"
-                          f"group {group_size or 'per row'}, K={k}: _weight_int8pack_mm takes symmetric per-row "
-                          "int8 with K % 16 == 0 only; small-M calls dequantize and run F.linear (the "
-                          "reference's arithmetic)")
-        if y is not None:
-            if bias is not None:
-                y = y + _layout(qweight, f"bias:{dtype}", (bias,), lambda: bias.to(dtype))
-            return y.reshape(*lead, n)
+    if 0 < m <= INT4PACK_MAX_M:
+        ops = small_m_operands(qweight, scale, zero, bias, bits, group_size, k, dtype)
+        if ops is not None and m <= ops[0]:
+            return packed_weight_matmul(x, ops)
     nat = cpu_native.lib()
     if nat is None or dtype not in _FLOAT_CODES or qweight.stride(1) != 1 or m == 0:
         return weight_only_linear_reference(x, qweight, scale, zero, bias, bits, group_size, in_features)

@@ -9,7 +9,7 @@ so ``model.generate`` (greedy or sampled, with its KV cache) just works.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -36,9 +36,17 @@ class LoweredLinear(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("input_index", input_index)
 
+    # (max rows, activation dtype, fn, operands): ``fn(x, operands)`` computes this layer for inputs
+    # of at most that many rows in that dtype, without the op (``qcompile.fast_generate`` sets it so a
+    # compiled decode step calls the packed CPU kernels straight); None: always the op
+    fast_path: tuple[int, torch.dtype, Callable, tuple] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_index is not None:
             x = x.index_select(-1, self.input_index)
+        fast = self.fast_path
+        if fast is not None and x.dtype == fast[1] and 0 < x.numel() <= fast[0] * x.shape[-1]:
+            return fast[2](x, fast[3])
         args = {**self.constants, **{name: getattr(self, name) for name in self._tensor_names}}
         return self.scheme.call(x, args)
 

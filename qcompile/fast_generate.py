@@ -11,11 +11,20 @@ with the same stored tensors, inside the HF model), and
   them exactly, and they write bf16;
 - everything runs under ``torch.inference_mode`` (no autograd dispatch: the lowered ops' custom-op
   autograd layer is skipped, which matters per decode step);
+- weight-only linears whose layout a packed CPU kernel takes (``_weight_int4pack_mm_for_cpu``,
+  ``_weight_int8pack_mm``) call it straight for calls of a few rows (decode), with the operands
+  laid out once here (``attach_packed_kernels``): the same kernels and operands the op would use
+  for those calls, so the same results, but a compiled decode step sees plain aten ops instead of
+  one opaque custom-op call (a Python function) per linear;
+- one-token attention runs as plain matmuls and a softmax (``qcompile.decode_attention``) instead
+  of SDPA's flash kernel, whose fixed cost per call dominates at one query; prefill keeps SDPA;
 - decoding runs a static KV cache with the one-token decode step compiled by ``torch.compile``
-  (inductor; each lowered op stays one opaque call into the CPU kernels, see docs/kernels.md).
-  Compiling costs tens of seconds once per process, so ``compile_decode="auto"`` compiles only for
-  generations of at least ``COMPILE_MIN_TOKENS`` tokens; otherwise the eager step with a dynamic
-  cache runs (HF's own).
+  (inductor). The cache length is rounded up to a power of two (at least ``MIN_CACHE_LEN``), so
+  prompts and generation lengths of the same order reuse one compiled step instead of compiling
+  anew; within one generation only the first compiled step evaluates dynamo's guards (the later
+  steps have the same shapes, dtypes and modules: ``skip_guard_eval_unsafe``). Compiling costs tens
+  of seconds once per process, so ``compile_decode="auto"`` compiles only for generations of at
+  least ``COMPILE_MIN_TOKENS`` tokens; otherwise the eager step with a dynamic cache runs (HF's own).
 
 ``FastModel(model)`` wraps an eager model (float, or with lowered ops); ``from_saved(gm)`` builds
 one from a loaded compiled model. ``time_prefill`` / ``time_decode`` are what bench/cpu.py times.
@@ -31,11 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcompile.decode_attention import use_decode_attention
+
 __all__ = ["FastModel", "from_saved", "resolve_dtype", "cpu_has_bf16", "cast_float_parts", "time_prefill",
-           "time_decode", "BF16_MIN_PARAMS", "COMPILE_MIN_TOKENS"]
+           "time_decode", "attach_packed_kernels", "static_cache_len", "BF16_MIN_PARAMS", "COMPILE_MIN_TOKENS",
+           "MIN_CACHE_LEN"]
 
 BF16_MIN_PARAMS = 10_000_000   # "auto" keeps models smaller than this in float32
 COMPILE_MIN_TOKENS = 256       # "auto" compiles the decode step for generations at least this long
+MIN_CACHE_LEN = 256            # the shortest static KV cache a compiled decode step is built for
 _STEP_IDS = itertools.count()
 
 
@@ -86,6 +99,37 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def static_cache_len(tokens: int) -> int:
+    """The static KV cache length for ``tokens`` positions: the next power of two, at least
+    ``MIN_CACHE_LEN`` (each distinct length is its own compiled decode step)."""
+    return max(MIN_CACHE_LEN, 1 << max(tokens - 1, 0).bit_length())
+
+
+@torch.no_grad()
+def attach_packed_kernels(model: nn.Module, dtype: torch.dtype) -> int:
+    """Let each weight-only lowered linear of ``model`` on the CPU call its packed kernel straight
+    for small-M ``dtype`` inputs (``LoweredLinear.fast_path``); returns how many can. The operands
+    are the CPU kernels' own cached layouts of the stored tensors, built now."""
+    from qcompile.eager import LoweredLinear
+    from qcompile.formats.weight_only import WeightOnly
+    from qcompile.kernels.cpu_linear import packed_weight_matmul, small_m_operands
+
+    count = 0
+    for module in model.modules():
+        if not (isinstance(module, LoweredLinear) and isinstance(module.scheme, WeightOnly)):
+            continue
+        qweight = module.qweight
+        if qweight.device.type != "cpu":
+            continue
+        c = module.constants
+        ops = small_m_operands(qweight, module.scale, getattr(module, "zero", None), getattr(module, "bias", None),
+                               c["bits"], c["group_size"], c["in_features"], dtype)
+        if ops is not None:
+            module.fast_path = (ops[0], dtype, packed_weight_matmul, ops)
+            count += 1
+    return count
+
+
 class FastModel:
     """An eager causal LM prepared for fast CPU inference: float parts in ``dtype``; ``generate``
     with a static KV cache and a compiled decode step (``compile_decode``: True, False or "auto")."""
@@ -96,6 +140,8 @@ class FastModel:
         self.model = cast_float_parts(model, self.dtype)
         self.model.eval()
         self.compile_decode = compile_decode
+        self.packed_linears = attach_packed_kernels(self.model, self.dtype)
+        self.decode_attention = use_decode_attention(self.model)
         self._compiled = None
 
     # ---- forward
@@ -156,8 +202,8 @@ class FastModel:
             raise ValueError("FastModel.generate takes one sequence (batch size 1)")
         t = input_ids.shape[1]
         compiled = self._use_compile(max_new_tokens)
-        cache = (StaticCache(config=self.model.config, max_cache_len=t + max_new_tokens) if compiled
-                 else DynamicCache(config=self.model.config))
+        cache = (StaticCache(config=self.model.config, max_cache_len=static_cache_len(t + max_new_tokens))
+                 if compiled else DynamicCache(config=self.model.config))
         pos = torch.arange(t)
         logits = self.model(input_ids=input_ids, cache=cache, cache_position=pos, position_ids=pos[None],
                             use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -172,7 +218,10 @@ class FastModel:
                 break
             p = torch.tensor([t + i])
             if step is not None:
-                logits = step(nxt, cache, p)[:, -1]
+                # the first step checks the guards (a changed model or cache recompiles); the later
+                # ones differ only in the values of ids, position and cache contents
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=i > 0):
+                    logits = step(nxt, cache, p)[:, -1]
             else:
                 logits = self.model(input_ids=nxt, cache=cache, cache_position=p, position_ids=p[None],
                                     use_cache=True, logits_to_keep=1).logits[:, -1]

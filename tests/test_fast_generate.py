@@ -83,3 +83,39 @@ def test_each_fast_model_compiles_its_own_decode_step(lowered_llama):
     steps = [fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=True)._step_fn() for _ in range(2)]
     codes = [getattr(s, "_torchdynamo_orig_callable", s).__code__ for s in steps]
     assert codes[0] is not codes[1] and codes[0].co_name != codes[1].co_name
+
+
+def test_weight_only_linears_call_the_packed_kernels_straight_with_the_ops_results(lowered_llama):
+    """FastModel gives each weight-only linear a direct small-M path (plain aten ops a compiled
+    decode step can see): the same kernels on the same operands as the op, so the same numbers."""
+    model, gm = lowered_llama
+    runner = fg.FastModel(apply_to_eager(gm, model), dtype="bf16", compile_decode=False)
+    lowered = [m for m in runner.model.modules() if isinstance(m, LoweredLinear)]
+    fast = [m for m in lowered if m.fast_path is not None]
+    assert runner.packed_linears == len(fast) == 3  # the W4 MLP; the W8A8 attention keeps its op
+    g = torch.Generator().manual_seed(5)
+    for m in fast:
+        for rows in (1, 3, m.fast_path[0], m.fast_path[0] + 1):
+            x = torch.randn(1, rows, m.constants["in_features"], generator=g).to(torch.bfloat16)
+            direct = m(x)
+            args = {**m.constants, **{name: getattr(m, name) for name in m._tensor_names}}
+            assert torch.equal(direct, m.scheme.call(x, args))
+        assert m(x.float()).dtype == torch.float32  # another dtype: the op, not the bf16 layout
+
+
+def test_static_cache_lengths_are_powers_of_two():
+    assert [fg.static_cache_len(n) for n in (1, 80, 256, 257, 1000, 4097)] == [256, 256, 256, 512, 1024, 8192]
+
+
+def test_generations_of_similar_length_reuse_one_compiled_step(lowered_llama):
+    model, gm = lowered_llama
+    torch._dynamo.reset()
+    runner = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=True)
+    compiled = []
+    import torch._dynamo.utils as dynamo_utils
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for prompt, new in ((5, 8), (9, 12), (3, 20)):
+        ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+        compiled.append(runner.generate(ids, new))
+        assert compiled[-1].shape == (1, prompt + new)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 1

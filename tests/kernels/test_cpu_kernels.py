@@ -210,3 +210,34 @@ def test_lowered_graph_compiles_with_inductor_and_gives_the_same_outputs():
         assert torch.equal(compiled(x), ref)
         x2 = torch.randn(2, 19, 64)
         assert torch.equal(compiled(x2), gm(x2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("op", ["w8a8", "quik8", "quik4", "weight_only"])
+def test_cached_layouts_do_not_keep_the_weights_alive(backend, op):
+    """The layout table is keyed by the stored tensor: no entry may hold it, or a released layer
+    (streaming compile, a model dropped by the user) would stay in memory for the process's life."""
+    import gc
+    import weakref
+
+    g = _gen(11)
+    k, n = 96, 32
+    if op == "w8a8":
+        qw, sw = _w8a8_args(k, n)
+        cl.w8a8_linear_cpu(torch.randn(2, k), qw, sw)
+    elif op.startswith("quik"):
+        a_bits = int(op[-1])
+        q = torch.randint(-8, 8, (n, k - 4), dtype=torch.int8, generator=g)
+        qw = pack_int4(q) if a_bits == 4 else q.clone()
+        sw = torch.rand(n, generator=g) * 0.1
+        cl.w4a4_outlier_linear_cpu(torch.randn(2, k), qw, sw, row_sum(q, sw), torch.randn(n, 4).half(),
+                                   None, None, None, a_bits)
+    else:
+        qwt = quantize_weight(torch.randn(n, k, generator=g), 4, PerRow(), True)
+        qw = pack_weight(qwt.q, 4)
+        cl.weight_only_linear_cpu(torch.randn(1, k).bfloat16(), qw, qwt.scale, None, None, 4, 0, k)
+    alive, key = weakref.ref(qw), id(qw)
+    assert key in cl._layouts
+    del qw
+    gc.collect()
+    assert alive() is None and key not in cl._layouts
