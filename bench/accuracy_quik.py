@@ -40,13 +40,16 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
     down8 = {"re:.*down_proj": {"w_bits": 8, "a_bits": 8}}
 
     def quik(k: int, gptq: bool, clip: bool = False, d8: bool = False, bits: int = 4,
-             grid: str | None = None) -> Callable[[], list]:
+             grid: str | None = None, act_order: bool = False, prop_down: bool = False,
+             damp: float = 0.01) -> Callable[[], list]:
         def make() -> list:
             # the outlier lowering requires the ``outliers`` analysis: k = 0 selects none
-            p: list = [ActivationStats(), SelectOutliers(k=k)] + ([ReorderOutliers()] if k else [])
+            p: list = [ActivationStats(), SelectOutliers(k=k, proportional_down=prop_down)] + (
+                [ReorderOutliers()] if k else [])
             if gptq:
-                p.append(GPTQ(w_bits=bits, outliers="keep_fp16" if k else None, clip=clip, grid=grid,
-                              overrides={"re:.*down_proj": {"w_bits": 8}} if d8 else {}))
+                cls = _quik_act_order_gptq() if act_order else GPTQ
+                p.append(cls(w_bits=bits, outliers="keep_fp16" if k else None, clip=clip, grid=grid, damp=damp,
+                             overrides={"re:.*down_proj": {"w_bits": 8}} if d8 else {}))
             p.append(QuantizeLinears(w_bits=bits, a_bits=bits, outliers=True,
                                      overrides=down8 if d8 else {}))
             return p
@@ -76,6 +79,17 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
         "quik_4b_o16": ("QUIK-4B recipe with 16 outliers", quik(16, True, clip=True, d8=True)),
         "quik_4b_o64": ("QUIK-4B recipe with 64 outliers", quik(64, True, clip=True, d8=True)),
         "quik_8b": ("QUIK-8B: RTN W8A8, 32 outliers", quik(32, False, bits=8)),
+        # QUIK-4B variants (issue 15's <= 24 target); _ao: act-order inside QUIK mode (experiment, see
+        # _quik_act_order_gptq); _pd: down_proj gets k x 1536/576 = 85 outliers (QUIK's proportional rule)
+        "quik_4b_ao": ("QUIK-4B, GPTQ act-order among the 4-bit columns (bench experiment)",
+                       quik(32, True, clip=True, d8=True, act_order=True)),
+        "quik_4b_pd": ("QUIK-4B, down_proj outliers proportional to its width (85)",
+                       quik(32, True, clip=True, d8=True, prop_down=True)),
+        "quik_4b_ao_pd": ("QUIK-4B, act-order + proportional down_proj outliers (bench experiment)",
+                          quik(32, True, clip=True, d8=True, act_order=True, prop_down=True)),
+        "quik_4b_damp10": ("QUIK-4B, GPTQ dampening 0.1", quik(32, True, clip=True, d8=True, damp=0.1)),
+        "quik_4b_noclip_ao": ("QUIK-4B without the clipping search, act-order (bench experiment)",
+                              quik(32, True, d8=True, act_order=True)),
         "quik_4b_restricted": ("QUIK-4B, GPTQ on the restricted grid", quik(32, True, clip=True, d8=True, grid="restricted")),
         "quik_4b_full": ("QUIK-4B, GPTQ on the full grid", quik(32, True, clip=True, d8=True, grid="full")),
         "rtn_w4a16": ("RTN W4A16 per channel", w_only(4, 0, False)),
@@ -106,6 +120,44 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
     return rows
 
 
+def _quik_act_order_gptq() -> type:
+    """A bench-only experiment, not a qcompile feature: ``GPTQ`` in QUIK mode with GPTQ's act-order
+    among the 4-bit columns. ``GPTQ`` refuses ``act_order`` with ``outliers="keep_fp16"`` and orders
+    the 4-bit columns by ascending calibration abs-max; this subclass reorders those columns (the
+    fp16 outliers stay last) by descending Hessian diagonal, the order ``act_order`` uses without
+    outliers, by wrapping the pass module's ``gptq_quantize`` during its own rounding calls. Per-row
+    scales are computed from the original weights either way, so only the error-feedback order
+    changes; the stored layout (``quant_idx``, ``outlier_idx``) is the same."""
+    import sys
+
+    import torch
+
+    from qcompile.passes import GPTQ
+
+    mod = sys.modules[GPTQ.__module__]
+
+    class QuikActOrderGPTQ(GPTQ):
+        def _round_group(self, gm, group, h, *args, **kwargs):  # type: ignore[override]
+            plain = mod.gptq_quantize
+
+            def reordered(w, hh, *a, keep_last=0, perm=None, **kw):
+                if perm is not None and keep_last:
+                    kq = perm.numel() - keep_last
+                    rest = perm[:kq]
+                    diag = torch.diag(hh)[rest.to(hh.device)].cpu()
+                    rest = rest[torch.argsort(diag, descending=True, stable=True).to(rest.device)]
+                    perm = torch.cat([rest, perm[kq:]])
+                return plain(w, hh, *a, keep_last=keep_last, perm=perm, **kw)
+
+            mod.gptq_quantize = reordered
+            try:
+                return super()._round_group(gm, group, h, *args, **kwargs)
+            finally:
+                mod.gptq_quantize = plain
+
+    return QuikActOrderGPTQ
+
+
 def _git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -131,6 +183,11 @@ def _load_existing(path: Path) -> dict[str, dict]:
     return {}
 
 
+def _compile_cell(r: dict) -> str:
+    cpu = r.get("compile_cpu_s")
+    return f"{r['compile_s']:.0f}" + ("" if cpu is None else f" ({cpu:.0f} CPU)")
+
+
 def _gptq_cell(r: dict) -> str:
     if r.get("gptq_s") is None:
         return ""
@@ -148,7 +205,7 @@ def _write(results: dict[str, dict], order: list[str], path: Path) -> str:
              "(40 = the yardstick's protocol); rows with fewer windows are not directly comparable "
              "to 40-window numbers.", "",
              "| row | configuration | windows | perplexity | yardstick (40 w) | calibration | "
-             "compile s | GPTQ wall s (CPU s) | date (UTC) | commit | device |",
+             "compile wall s (CPU s) | GPTQ wall s (CPU s) | date (UTC) | commit | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in order:
         if key not in results:
@@ -156,7 +213,7 @@ def _write(results: dict[str, dict], order: list[str], path: Path) -> str:
         r = results[key]
         y = YARDSTICK.get(key)
         lines.append(f"| {key} | {r['name']} | {r['windows']} | {r['ppl']:.2f} | "
-                     f"{'' if y is None else y} | {r['calibration']} | {r['compile_s']:.0f} | "
+                     f"{'' if y is None else y} | {r['calibration']} | {_compile_cell(r)} | "
                      f"{_gptq_cell(r)} | {r['date']} | "
                      f"{r['commit']} | {r['device']} |")
     lines += ["", "Commands:", ""]
@@ -217,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         name, make = rows[key]
         passes = make()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gm = qcompile.compile(model, passes, calibration=calib) if passes else model
-        compile_s = time.perf_counter() - t0
+        # wall and this process's CPU seconds: on a shared machine (paused jobs, other load) the
+        # CPU seconds are the steadier figure
+        compile_s, compile_cpu = time.perf_counter() - t0, time.process_time() - c0
         gptq_s = getattr(gm, "qcompile_analyses", {}).get("gptq_time_s")
         gptq_cpu = getattr(gm, "qcompile_analyses", {}).get("gptq_cpu_s")
         nlls: list[torch.Tensor] = []
@@ -229,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             done = sum(int(t.numel()) for t in nlls)
             ppl = math.exp(float(torch.cat(nlls).mean()))
             results[key] = {"name": name, "windows": done, "ppl": ppl, "compile_s": compile_s,
+                            "compile_cpu_s": compile_cpu, "threads": torch.get_num_threads(),
                             "gptq_s": gptq_s, "gptq_cpu_s": gptq_cpu, "calibration": f"{args.calib_n} x {args.calib_len} valid",
                             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                             "commit": commit, "device": _device(), "command": command}
