@@ -39,6 +39,8 @@ from qcompile.targets import first_match, selected
 
 __all__ = ["GPTQ", "GPTQRecord", "GPTQRecords"]
 
+_RTN_ROWS = 1024  # rows per band of the round-to-nearest comparison
+
 
 @dataclass(frozen=True)
 class GPTQRecord(RoundedWeights):
@@ -169,12 +171,18 @@ class GPTQ(Pass):
             accs = {x: HessianAccumulator(group[0].weight_tensor(gm).shape[1], dtype) for x, group in groups.items()}
 
             def round_group(x: fx.Node) -> None:
-                accs[x].n = all_mean_(accs[x].h, accs[x].n)  # the Hessian over every process's windows
+                acc = accs.pop(x)
+                acc.n = all_mean_(acc.h, acc.n)  # the Hessian over every process's windows
+                # streamed: on disk while GPTQ factors it (K x K: 462 MiB for an 11008-wide input)
+                h = offload(gm, acc.h)
+                acc.h = None  # the stage callbacks keep the accumulator alive, not its Hessian
                 batches: dict[tuple, list] = {}  # one GPTQ call per setting
                 for s in groups[x]:
                     batches.setdefault(self.settings_for(s.module), []).append(s)
                 for settings, batch in batches.items():
-                    rows.extend(self._round_spread(gm, batch, accs[x].h, outliers, stats, records, settings, clips))
+                    rows.extend(self._round_spread(gm, batch, h, outliers, stats, records, settings, clips))
+                if isinstance(h, Offloaded):
+                    h.discard()
                 done.update(s.module for s in groups[x])
 
             for x in groups:  # inputs computed by an earlier group: cached, final already
@@ -208,7 +216,7 @@ class GPTQ(Pass):
         updated: dict[str, Any] = {"gptq": result, "gptq_time_s": elapsed, "gptq_cpu_s": cpu}
         return PassResult(gm, bool(rows), notes, rows, updated)
 
-    def _round_spread(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict, stats: dict,
+    def _round_spread(self, gm: fx.GraphModule, group: list, h: torch.Tensor | Offloaded, outliers: dict, stats: dict,
                       records: dict, settings: tuple[int, int, bool, bool, str], clips: Any = None) -> list[dict]:
         """``_round_group``, its linears spread over the processes (``qcompile.distributed``): each
         rounds its own and every process receives every rounded weight and record. Alone, one call."""
@@ -244,13 +252,15 @@ class GPTQ(Pass):
             return None, grid
         return torch.cat([r.ratio.float() for r in found]), use
 
-    def _round_group(self, gm: fx.GraphModule, group: list, h: torch.Tensor, outliers: dict,
+    def _round_group(self, gm: fx.GraphModule, group: list, h: torch.Tensor | Offloaded, outliers: dict,
                      stats: dict, records: dict, settings: tuple[int, int, bool, bool, str],
                      clips: Any = None) -> list[dict]:
-        """Round the linears sharing input Hessian ``h`` in one GPTQ call (rows are independent),
-        on the device the Hessian was accumulated on (where the layer's activations are)."""
+        """Round the linears sharing input Hessian ``h`` (in memory, or offloaded to disk) in one
+        GPTQ call (rows are independent), on the device the Hessian was accumulated on (where the
+        layer's activations are). Each linear's float weight is dropped once its errors are
+        measured."""
         bits, group_size, symmetric, clip, grid = settings
-        ws = [s.weight_tensor(gm).detach() for s in group]
+        ws: list[torch.Tensor | None] = [s.weight_tensor(gm).detach() for s in group]
         ratio, grid = self._given_clips(group, ws, clips or {}, settings)
         k = ws[0].shape[1]
         perm, keep = None, 0
@@ -268,12 +278,13 @@ class GPTQ(Pass):
             rest = torch.nonzero(rest).flatten()
             rest = rest[torch.argsort(st.absmax[rest], stable=True)]
             perm = torch.cat([rest, idx.long()])
-        w_all = torch.cat(ws, dim=0)
-        res = gptq_quantize(w_all, h, bits, group_size, symmetric, bool(self.act_order),
-                            self.block_size, self.damp, keep_last=keep, clip_search=clip, perm=perm, grid=grid,
-                            compute_error=False, clip_ratio=ratio)  # per linear below
+        res = gptq_quantize(ws, h.load if isinstance(h, Offloaded) else h, bits, group_size, symmetric,
+                            bool(self.act_order), self.block_size, self.damp, keep_last=keep, clip_search=clip,
+                            perm=perm, grid=grid, compute_error=False, clip_ratio=ratio)  # per linear below
+        h = _in_memory(h)
         rows, start = [], 0
-        for s, w in zip(group, ws):
+        for i, s in enumerate(group):
+            w, ws[i] = ws[i], None
             n = w.shape[0]
             part = slice(start, start + n)
             start += n
@@ -282,6 +293,7 @@ class GPTQ(Pass):
             rtn = _rtn_like(w, res, part, bits, symmetric, clip, grid)
             err, rtn_err = layer_error(w, w_hat, h), layer_error(w, rtn, h)
             on_w = dict(device=w.device)
+            del w, rtn
             records[s.module] = offload(gm, GPTQRecord(
                 q=res.q[part].to(**on_w).contiguous(), scale=res.scale[part].to(**on_w).contiguous(),
                 zero=None if res.zero is None else res.zero[part].to(**on_w).contiguous(), bits=bits,
@@ -314,8 +326,11 @@ def _rtn_like(w: torch.Tensor, res, part: slice, bits: int, symmetric: bool, cli
                             clip_search=clip, grid=grid)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
     scale = res.scale[part, :1].to(w.device, w.dtype)
-    zero = res.zero[part, :1].to(w.device, w.dtype) if res.zero is not None else 0.0
+    zero = res.zero[part, :1].to(w.device, w.dtype) if res.zero is not None else None
     out = w.clone()
     cols = res.quant_idx.to(w.device)
-    out[:, cols] = (torch.clamp(torch.round(w[:, cols] / scale) + zero, lo, hi) - zero) * scale
+    for r0 in range(0, w.shape[0], _RTN_ROWS):  # elementwise: a band of rows at a time
+        r = slice(r0, r0 + _RTN_ROWS)
+        z = 0.0 if zero is None else zero[r]
+        out[r, cols] = (torch.clamp(torch.round(w[r][:, cols] / scale[r]) + z, lo, hi) - z) * scale[r]
     return out

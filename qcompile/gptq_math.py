@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -34,6 +35,8 @@ CLIP_NORM = 2.4          # QUIK's exponent of the clipping-search error
 _CLIP_GRID = 100         # shrink factors 1 - i/100 ...
 _CLIP_STEPS = 80         # ... for i < 80: 1.00 down to 0.21
 _MAX_DAMP_TRIES = 6
+_GATHER_ROWS = 512      # rows per band when a K x K matrix is permuted or reversed
+_DEQUANT_COLS = 512     # columns per band when the rounded layer is put back in order
 
 
 @dataclass
@@ -66,18 +69,31 @@ class GPTQResult:
 
 class HessianAccumulator:
     """Running H = 2/n sum_t x_t x_t^T over batches of inputs [..., K] (float32 by default), on
-    ``device`` (default: the first batch's)."""
+    ``device`` (default: the first batch's). H [K, K] is allocated by the first batch (or the
+    first read of ``h``): a layer's accumulators do not all hold memory before their turn."""
 
     def __init__(self, k: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        self.k, self.dtype = k, dtype
-        self.h = torch.zeros(k, k, dtype=dtype, device=device)
+        self.k, self.dtype, self.device = k, dtype, device
+        self._h: torch.Tensor | None = None
         self.n = 0
+
+    @property
+    def h(self) -> torch.Tensor:
+        if self._h is None:
+            self._h = torch.zeros(self.k, self.k, dtype=self.dtype, device=self.device)
+        return self._h
+
+    @h.setter
+    def h(self, value: torch.Tensor | None) -> None:
+        self._h = value
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1])
         m = x2.shape[0]
         if m == 0:
             return
+        if self._h is None and self.device is None:
+            self.device = x2.device
         if self.n == 0 and self.h.device != x2.device:
             self.h = self.h.to(x2.device)
         x2 = x2.to(self.h.device, self.h.dtype)
@@ -90,7 +106,7 @@ def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """sum over rows of (w - w_hat) H (w - w_hat)^T (a report figure: the product in float32, the
     sum in float64)."""
     d = w.to(w_hat.device).float() - w_hat.float()
-    return float(((d @ h.to(d.device).float()) * d).sum(dtype=torch.float64))
+    return float((d @ h.to(d.device).float()).mul_(d).sum(dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- scales
@@ -171,38 +187,81 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: boo
 
 # ---------------------------------------------------------------- GPTQ
 
-def _prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Dead columns (diag 0) -> unit diagonal and zero weight; dampen; the upper Cholesky factor
-    of H^-1, adding more dampening (with a warning) while H is not positive definite.
+def _prepare_hessian(h: torch.Tensor, w: torch.Tensor | None, damp: float,
+                     perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The upper Cholesky factor of the dampened inverse of H permuted to ``perm`` (default: as
+    it is; H itself is not changed); dead columns (diag 0) get a unit diagonal (and are zeroed in
+    ``w``, in ``perm``'s order, when one is given), and more dampening is added (with a warning)
+    while H is not positive definite. Returns (factor, dead columns in ``perm``'s order, the
+    dampening added).
 
     The factor comes from one Cholesky and one triangular inverse, without forming H^-1: with J
     the order reversal and J H J = M M^T (M lower), H^-1 = U^T U for U = J M^-1 J (upper). This
     is the same factor as cholesky(cholesky_inverse(cholesky(H)), upper=True) to float rounding,
-    and 10-30x faster on the CPU, where ``torch.cholesky_inverse`` is slow."""
-    h = h.clone()
-    dead = torch.diag(h) == 0
-    if dead.any():
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-    diag_mean = float(torch.diag(h).mean())
-    if not math.isfinite(diag_mean):
-        raise ValueError("the Hessian has non-finite entries: the calibration inputs contain inf/nan")
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    and 10-30x faster on the CPU, where ``torch.cholesky_inverse`` is slow.
+
+    Memory: two K x K buffers besides ``h``. The permuted, reversed, dampened H is gathered into
+    the first and factored in place (``out=``); the second starts as the identity and receives
+    M^-1 in place, reversed in place into U. Bit for bit the values of the plain expressions
+    ``cholesky_ex((h[perm][:, perm] + amount * eye).flip(0, 1))`` and
+    ``solve_triangular(chol, eye).flip(0, 1)``, in the same (column-major) layout."""
+    k = h.shape[0]
+    rev = torch.arange(k - 1, -1, -1, device=h.device) if perm is None else perm.flip(0)
     frac = damp
     for attempt in range(_MAX_DAMP_TRIES):
+        # a: J P^T H P J, stored transposed so that a.mT is column-major (what LAPACK factors in place)
+        buf = torch.empty(k, k, dtype=h.dtype, device=h.device)
+        for r0 in range(0, k, _GATHER_ROWS):
+            rows = torch.index_select(h.mT, 0, rev[r0:r0 + _GATHER_ROWS])
+            torch.index_select(rows, 1, rev, out=buf[r0:r0 + _GATHER_ROWS])
+            del rows
+        a = buf.mT
+        diag = a.diagonal()
+        dead = diag == 0
+        if dead.any():
+            diag[dead] = 1.0
+        diag_mean = float(diag.flip(0).contiguous().mean())  # summed in the permuted order, as before
+        if not math.isfinite(diag_mean):
+            raise ValueError("the Hessian has non-finite entries: the calibration inputs contain inf/nan")
         amount = frac * max(diag_mean, 1e-12)
-        chol, info = torch.linalg.cholesky_ex((h + amount * eye).flip(0, 1))
+        buf.add_(amount * 0.0)   # h + amount * eye: off the diagonal x + 0.0 (-0.0 -> +0.0)
+        diag.add_(amount)        # on it x + amount
+        info = torch.empty((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(a, out=(a, info))
         if int(info) == 0:
-            upper = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
-            if torch.isfinite(upper).all():
+            upper = torch.eye(k, dtype=h.dtype, device=h.device).mT
+            torch.linalg.solve_triangular(a, upper, upper=False, out=upper)
+            del a, diag, buf
+            _reverse_(upper.mT)  # flip(0, 1), in place
+            if all(bool(torch.isfinite(upper[r0:r0 + _GATHER_ROWS]).all()) for r0 in range(0, k, _GATHER_ROWS)):
                 if attempt:
                     warnings.warn(f"GPTQ: the Hessian was not positive definite with dampening "
                                   f"{damp:g} x mean(diag H); used {frac:g} instead", RuntimeWarning,
                                   stacklevel=3)
+                dead = dead.flip(0)
+                if w is not None:
+                    w[:, dead] = 0.0
                 return upper, dead, amount
+            del upper
+        else:
+            del a, diag, buf
         last, frac = frac, (frac * 10.0 if frac > 0 else 0.01)
     raise ValueError(f"GPTQ: the Hessian stays singular even with dampening {last:g} x "
                      "mean(diag H); check the calibration inputs")
+
+
+def _reverse_(a: torch.Tensor) -> None:
+    """a.flip(0, 1) written into ``a`` itself (square, contiguous), a band of rows at a time."""
+    k = a.shape[0]
+    half = k // 2
+    for i0 in range(0, half, _GATHER_ROWS):
+        i1 = min(i0 + _GATHER_ROWS, half)
+        top = a[i0:i1].flip(0, 1)
+        a[i0:i1] = a[k - i1:k - i0].flip(0, 1)
+        a[k - i1:k - i0] = top
+        del top
+    if k % 2:
+        a[half] = a[half].flip(0)
 
 
 def _native_lib():
@@ -270,7 +329,8 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
     return qp
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 0,
+def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Callable[[], torch.Tensor],
+                  bits: int, group_size: int = 0,
                   symmetric: bool = True, act_order: bool = False, block_size: int = 128,
                   damp: float = 0.01, keep_last: int = 0, clip_search: bool = False,
                   perm: torch.Tensor | None = None, grid: str = "restricted",
@@ -285,35 +345,55 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     natural one, else up front from the original weights (GPTQ's "static groups").
     ``clip_ratio`` [N]: each row's range shrink for those scales (abs-max x ratio), given instead
     of searched.
+
+    Memory: ``w`` may be a list of row blocks (the linears sharing ``h``: rounded as their
+    concatenation, without a concatenated copy), and ``h`` a function returning H (called when the
+    factor is computed and, for ``compute_error``, at the end: a caller may keep H on disk in
+    between). Besides its inputs GPTQ holds two K x K buffers while it factors H, then the factor,
+    the weight in processing order and its integers.
     """
-    if clip_ratio is not None and clip_ratio.shape != (w.shape[0],):
-        raise ValueError(f"clip_ratio must hold one ratio per row ({w.shape[0]}), got {tuple(clip_ratio.shape)}")
-    if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"gptq_quantize: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} "
+    blocks = list(w) if isinstance(w, (list, tuple)) else [w]
+    hessian = h() if callable(h) else h
+    n, k = sum(b.shape[0] for b in blocks), blocks[0].shape[-1]
+    if clip_ratio is not None and clip_ratio.shape != (n,):
+        raise ValueError(f"clip_ratio must hold one ratio per row ({n}), got {tuple(clip_ratio.shape)}")
+    if any(b.dim() != 2 or b.shape[1] != k for b in blocks) or hessian.shape != (k, k):
+        shapes = " + ".join(str(tuple(b.shape)) for b in blocks)
+        raise ValueError(f"gptq_quantize: weight {shapes} and Hessian {tuple(hessian.shape)} "
                          "do not match (H must be [K, K] for W [N, K])")
-    n, k = w.shape
     if not 0 <= keep_last <= k:
         raise ValueError(f"keep_last={keep_last} must be between 0 and the width {k}")
     check_grid(grid)
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    device = h.device
-    h = h.to(dtype)
-    wf = w.detach().to(device, dtype).clone()
+    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    device = hessian.device
+    hd = hessian.to(dtype)
     kq = k - keep_last
     if perm is None:
         perm = torch.arange(k, device=device)
         if act_order:
-            order = torch.argsort(torch.diag(h)[:kq], descending=True, stable=True)
+            order = torch.argsort(torch.diag(hd)[:kq], descending=True, stable=True)
             perm = torch.cat([order, torch.arange(kq, k, device=device)])
     else:
         perm = torch.as_tensor(perm, dtype=torch.long).to(device)
         if perm.numel() != k or not torch.equal(torch.sort(perm).values, torch.arange(k, device=device)):
             raise ValueError(f"perm must be a permutation of range({k})")
-    dead = torch.diag(h) == 0
-    wf[:, dead] = 0.0
-    upper, _, damp_amount = _prepare_hessian(h[perm][:, perm], wf[:, perm], damp)
+    dead = torch.diag(hd) == 0
+    upper, _, damp_amount = _prepare_hessian(hd, None, damp, perm)
+    del hessian, hd  # the caller's H (or, given a function, none) from here on
 
-    quant_idx = torch.sort(perm[:kq]).values
+    # the weight in processing order: the one copy GPTQ updates (dead columns zero)
+    wp = torch.empty(n, k, dtype=dtype, device=device)
+    r0 = 0
+    for b in blocks:
+        torch.index_select(b.detach().to(device, dtype), 1, perm, out=wp[r0:r0 + b.shape[0]])
+        r0 += b.shape[0]
+    dead_p = dead[perm]
+    if dead_p.any():
+        wp[:, dead_p] = 0.0
+    at = torch.empty_like(perm)
+    at[perm] = torch.arange(k, device=device)  # at[c]: where original column c is processed
+
+    quant_idx, q_pos = torch.sort(perm[:kq])   # the quantized columns, and where each is processed
     natural = torch.equal(perm[:kq], quant_idx)
     gs = group_size if 0 < group_size < kq else 0
     lo, hi = int_range(bits, symmetric)
@@ -324,36 +404,54 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     group_of = torch.zeros(k, dtype=torch.long, device=device)
     group_of[quant_idx] = (torch.arange(kq, device=device) // gs) if gs else 0
     if gs == 0 and kq:
-        s, z = find_scale(wf[:, quant_idx], bits, symmetric, clip_search, grid=grid, ratio=clip_ratio)
-        scale[:, 0], zero[:, 0] = s, z
+        scale[:, 0], zero[:, 0] = _row_scales(wp, at[quant_idx], bits, symmetric, clip_search, grid, clip_ratio)
     elif gs and not natural:
         for g in range(n_groups):
-            c = quant_idx[g * gs:(g + 1) * gs]
-            scale[:, g], zero[:, g] = find_scale(wf[:, c], bits, symmetric, clip_search, grid=grid,
+            c = at[quant_idx[g * gs:(g + 1) * gs]]
+            scale[:, g], zero[:, g] = find_scale(wp[:, c], bits, symmetric, clip_search, grid=grid,
                                                  ratio=clip_ratio)
     dynamic_groups = bool(gs) and natural
     if dynamic_groups:
         block_size = gs * max(1, block_size // gs)   # every group lies inside one block
 
-    wp = wf[:, perm].contiguous()
     gp = group_of[perm]
     qp = _gptq_blocks(wp, upper, gp, scale, zero, kq, k, block_size, bits, symmetric, clip_search,
                       gs if dynamic_groups else 0, grid, ratio=clip_ratio)
+    del upper
 
-    # back to the original column order
-    q_orig = torch.zeros(n, k, dtype=dtype, device=device)
-    q_orig[:, perm[:kq]] = qp
-    q = q_orig[:, quant_idx]
-    g_cols = group_of[quant_idx]
-    deq = (q - zero[:, g_cols]) * scale[:, g_cols]
+    # back to the original column order, a band of columns at a time; the reconstruction takes
+    # the place of the processed weight (its float columns copied out first)
     outlier_idx = perm[kq:].clone()
-    recon = torch.zeros(n, k, dtype=dtype, device=device)
-    recon[:, quant_idx] = deq
-    recon[:, outlier_idx] = wp[:, kq:]
-    recon[:, dead] = 0.0
+    kept = wp[:, kq:].clone()
     int_dtype = torch.int8 if (symmetric or bits < 8) else torch.uint8
+    q = torch.empty(n, kq, dtype=int_dtype, device=device)
+    recon = wp
+    for c0 in range(0, kq, _DEQUANT_COLS):
+        pos = q_pos[c0:c0 + _DEQUANT_COLS]
+        qc, g = qp[:, pos], gp[pos]
+        recon[:, quant_idx[c0:c0 + _DEQUANT_COLS]] = (qc - zero[:, g]) * scale[:, g]
+        q[:, c0:c0 + _DEQUANT_COLS] = qc.to(int_dtype)
+        del qc
+    del qp
+    recon[:, outlier_idx] = kept
+    recon[:, dead] = 0.0
+    error = float("nan")
+    if compute_error:
+        error = layer_error(torch.cat(blocks) if len(blocks) > 1 else blocks[0], recon, h() if callable(h) else h)
     return GPTQResult(
-        q=q.to(int_dtype), scale=scale.float(), zero=None if symmetric else zero.float(), bits=bits,
+        q=q, scale=scale.float(), zero=None if symmetric else zero.float(), bits=bits,
         group_size=gs, quant_idx=quant_idx, outlier_idx=outlier_idx,
-        outlier_weight=wp[:, kq:].float().clone(), weight=recon.to(w.dtype), perm=perm,
-        error=layer_error(w, recon, h) if compute_error else float("nan"), damp=damp_amount)
+        outlier_weight=kept.float().clone(), weight=recon.to(blocks[0].dtype), perm=perm,
+        error=error, damp=damp_amount)
+
+
+def _row_scales(wp: torch.Tensor, cols: torch.Tensor, bits: int, symmetric: bool, clip_search: bool,
+                grid: str, ratio: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``find_scale(wp[:, cols], ...)``; without the clipping search a band of rows at a time (each
+    row's scale is its own max / min: the same values in any grouping of the rows)."""
+    if clip_search:
+        return find_scale(wp[:, cols], bits, symmetric, True, grid=grid, ratio=ratio)
+    parts = [find_scale(wp[r0:r0 + _GATHER_ROWS][:, cols], bits, symmetric, False, grid=grid,
+                        ratio=None if ratio is None else ratio[r0:r0 + _GATHER_ROWS])
+             for r0 in range(0, wp.shape[0], _GATHER_ROWS)]
+    return torch.cat([s for s, _ in parts]), torch.cat([z for _, z in parts])

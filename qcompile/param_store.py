@@ -225,6 +225,10 @@ class Offloaded:
         devices = {k: t.device for k, t in tensors.items()}
         return cls(path, (skeleton, devices), tuple(tensors))
 
+    def discard(self) -> None:
+        """Delete the file (the value is no longer needed)."""
+        self.path.unlink(missing_ok=True)
+
     def load(self) -> Any:
         data = load_file(str(self.path))
         if not self.fields and "" in data:
