@@ -12,7 +12,9 @@ compiles each with the weights streamed (``qcompile.streaming``), saving the res
 layers and a 32000 vocabulary is about 5.9 GB in float32 (the issue's check); only run that on a
 machine with the memory to spare for the comparison.
 
-Each run is a fresh process; its peak resident memory comes from getrusage of the child.
+Each run is a fresh process; its peak resident memory comes from getrusage of the child (what
+``/usr/bin/time -v`` reports as the maximum resident set size). Afterwards another process loads
+the written model (``qcompile.load``) and runs a forward: the "loads" column.
 """
 
 from __future__ import annotations
@@ -108,6 +110,26 @@ else:
 streaming.save(gm, out, float_dtype=torch.float16)
 """
 
+# the written model loads (qcompile.load) and runs: logits of the right shape, all finite
+LOAD = """
+import sys, torch
+import qcompile
+gm = qcompile.load(sys.argv[1])
+vocab = int(sys.argv[2])
+with torch.no_grad():
+    out = gm(torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(1)))
+logits = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+assert logits.shape == (1, 16, vocab), logits.shape
+assert torch.isfinite(logits).all()
+print("ok")
+"""
+
+
+def loads(out: str, vocab: int) -> str:
+    """Whether the compiled model at ``out`` loads and runs a forward ("yes", or the error)."""
+    r = subprocess.run([sys.executable, "-c", LOAD, out, str(vocab)], capture_output=True, text=True)
+    return "yes" if r.returncode == 0 and r.stdout.strip().endswith("ok") else f"no: {r.stderr.strip()[-200:]}"
+
 
 def sizes_table(args) -> list[list]:
     rows = []
@@ -121,8 +143,9 @@ def sizes_table(args) -> list[list]:
                            "streamed" if mode == "streamed" else "memory", str(args.calib_windows),
                            str(args.calib_len), args.device]
                     mib, secs = peak_rss_mib(cmd)
+                    ok = loads(f"{out}/m", args.vocab)
                 rows.append([recipe, mode, args.device, args.hidden, layers, f"{size / 2**20:.0f}", f"{mib:.0f}",
-                             f"{100 * mib * 2**20 / size:.0f}%", f"{secs:.0f}"])
+                             f"{100 * mib * 2**20 / size:.0f}%", f"{secs:.0f}", ok])
                 print("  measured:", *rows[-1], flush=True)  # a row at a time, in case the run is cut short
     return rows
 
@@ -142,7 +165,7 @@ def main() -> None:
     print(f"{datetime.date.today()}, command: {' '.join(sys.argv)}")
     if args.layers:
         print(tabulate(sizes_table(args), headers=["recipe", "compile", "device", "hidden", "layers", "checkpoint MiB",
-                                                   "peak RSS MiB", "RSS / checkpoint", "time s"]))
+                                                   "peak RSS MiB", "RSS / checkpoint", "time s", "loads"]))
         return
     rows = []
     for n in args.windows:
