@@ -30,7 +30,7 @@ import torch.fx as fx
 from qcompile.analysis import AnalysisResult
 from qcompile.distributed import all_mean_, from_owners, owner, shard, world
 from qcompile.formats import PerGroup, PerRow, RoundedWeights, check_grid, default_grid
-from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
+from qcompile.gptq_math import HessianAccumulator, difference_error, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
 from qcompile.param_store import Offloaded, offload
@@ -290,8 +290,12 @@ class GPTQ(Pass):
             start += n
             w_hat = res.weight[part].to(w.device, w.dtype)
             set_tensor(gm, s.weight, w_hat.contiguous())
+            err = layer_error(w, w_hat, h)
             rtn = _rtn_like(w, res, part, bits, symmetric, clip, grid)
-            err, rtn_err = layer_error(w, w_hat, h), layer_error(w, rtn, h)
+            if w.dtype == rtn.dtype == torch.float32 and w.device == rtn.device:
+                rtn_err = difference_error(torch.sub(w, rtn, out=rtn), h)  # w - rtn in rtn's memory
+            else:
+                rtn_err = layer_error(w, rtn, h)
             on_w = dict(device=w.device)
             del w, rtn
             records[s.module] = offload(gm, GPTQRecord(

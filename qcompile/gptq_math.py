@@ -29,7 +29,7 @@ import torch
 from qcompile.formats import check_grid, int_range, symmetric_qmax
 
 __all__ = ["GPTQResult", "HessianAccumulator", "gptq_quantize", "rtn_quantize", "layer_error",
-           "find_scale", "CLIP_NORM"]
+           "difference_error", "find_scale", "CLIP_NORM"]
 
 CLIP_NORM = 2.4          # QUIK's exponent of the clipping-search error
 _CLIP_GRID = 100         # shrink factors 1 - i/100 ...
@@ -105,7 +105,11 @@ class HessianAccumulator:
 def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """sum over rows of (w - w_hat) H (w - w_hat)^T (a report figure: the product in float32, the
     sum in float64)."""
-    d = w.to(w_hat.device).float() - w_hat.float()
+    return difference_error(w.to(w_hat.device).float() - w_hat.float(), h)
+
+
+def difference_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``layer_error`` from the difference d = w - w_hat (float32) itself."""
     return float((d @ h.to(d.device).float()).mul_(d).sum(dtype=torch.float64))
 
 
@@ -187,10 +191,11 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: boo
 
 # ---------------------------------------------------------------- GPTQ
 
-def _prepare_hessian(h: torch.Tensor, w: torch.Tensor | None, damp: float,
+def _prepare_hessian(h: torch.Tensor | Callable[[], torch.Tensor], w: torch.Tensor | None, damp: float,
                      perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The upper Cholesky factor of the dampened inverse of H permuted to ``perm`` (default: as
-    it is; H itself is not changed); dead columns (diag 0) get a unit diagonal (and are zeroed in
+    it is; H itself is not changed; a function returning H is called once per dampening tried
+    and its H dropped once copied); dead columns (diag 0) get a unit diagonal (and are zeroed in
     ``w``, in ``perm``'s order, when one is given), and more dampening is added (with a warning)
     while H is not positive definite. Returns (factor, dead columns in ``perm``'s order, the
     dampening added).
@@ -205,16 +210,19 @@ def _prepare_hessian(h: torch.Tensor, w: torch.Tensor | None, damp: float,
     M^-1 in place, reversed in place into U. Bit for bit the values of the plain expressions
     ``cholesky_ex((h[perm][:, perm] + amount * eye).flip(0, 1))`` and
     ``solve_triangular(chol, eye).flip(0, 1)``, in the same (column-major) layout."""
-    k = h.shape[0]
-    rev = torch.arange(k - 1, -1, -1, device=h.device) if perm is None else perm.flip(0)
+    read = h if callable(h) else (lambda: h)
     frac = damp
     for attempt in range(_MAX_DAMP_TRIES):
+        hh = read()
+        k, dtype, device = hh.shape[0], hh.dtype, hh.device
+        rev = torch.arange(k - 1, -1, -1, device=device) if perm is None else perm.flip(0)
         # a: J P^T H P J, stored transposed so that a.mT is column-major (what LAPACK factors in place)
-        buf = torch.empty(k, k, dtype=h.dtype, device=h.device)
+        buf = torch.empty(k, k, dtype=dtype, device=device)
         for r0 in range(0, k, _GATHER_ROWS):
-            rows = torch.index_select(h.mT, 0, rev[r0:r0 + _GATHER_ROWS])
+            rows = torch.index_select(hh.mT, 0, rev[r0:r0 + _GATHER_ROWS])
             torch.index_select(rows, 1, rev, out=buf[r0:r0 + _GATHER_ROWS])
             del rows
+        del hh
         a = buf.mT
         diag = a.diagonal()
         dead = diag == 0
@@ -226,10 +234,10 @@ def _prepare_hessian(h: torch.Tensor, w: torch.Tensor | None, damp: float,
         amount = frac * max(diag_mean, 1e-12)
         buf.add_(amount * 0.0)   # h + amount * eye: off the diagonal x + 0.0 (-0.0 -> +0.0)
         diag.add_(amount)        # on it x + amount
-        info = torch.empty((), dtype=torch.int32, device=h.device)
+        info = torch.empty((), dtype=torch.int32, device=device)
         torch.linalg.cholesky_ex(a, out=(a, info))
         if int(info) == 0:
-            upper = torch.eye(k, dtype=h.dtype, device=h.device).mT
+            upper = torch.eye(k, dtype=dtype, device=device).mT
             torch.linalg.solve_triangular(a, upper, upper=False, out=upper)
             del a, diag, buf
             _reverse_(upper.mT)  # flip(0, 1), in place
@@ -353,7 +361,7 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Ca
     the weight in processing order and its integers.
     """
     blocks = list(w) if isinstance(w, (list, tuple)) else [w]
-    hessian = h() if callable(h) else h
+    hessian = h() if callable(h) else h  # read again for the factor, then dropped
     n, k = sum(b.shape[0] for b in blocks), blocks[0].shape[-1]
     if clip_ratio is not None and clip_ratio.shape != (n,):
         raise ValueError(f"clip_ratio must hold one ratio per row ({n}), got {tuple(clip_ratio.shape)}")
@@ -378,8 +386,12 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Ca
         if perm.numel() != k or not torch.equal(torch.sort(perm).values, torch.arange(k, device=device)):
             raise ValueError(f"perm must be a permutation of range({k})")
     dead = torch.diag(hd) == 0
-    upper, _, damp_amount = _prepare_hessian(hd, None, damp, perm)
-    del hessian, hd  # the caller's H (or, given a function, none) from here on
+    if callable(h):  # held only while the factor's buffer is filled
+        del hessian, hd
+        upper, _, damp_amount = _prepare_hessian(lambda: h().to(dtype), None, damp, perm)
+    else:
+        upper, _, damp_amount = _prepare_hessian(hd, None, damp, perm)
+        del hessian, hd
 
     # the weight in processing order: the one copy GPTQ updates (dead columns zero)
     wp = torch.empty(n, k, dtype=dtype, device=device)
