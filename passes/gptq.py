@@ -33,7 +33,7 @@ from qcompile.formats import PerGroup, PerRow, RoundedWeights, check_grid, defau
 from qcompile.gptq_math import HessianAccumulator, difference_error, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
-from qcompile.param_store import Offloaded, offload
+from qcompile.param_store import Offloaded, offload, release_free_memory
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, selected
 
@@ -184,6 +184,7 @@ class GPTQ(Pass):
                 if isinstance(h, Offloaded):
                     h.discard()
                 done.update(s.module for s in groups[x])
+                release_free_memory()  # the group's band-sized temporaries back to the system
 
             for x in groups:  # inputs computed by an earlier group: cached, final already
                 if x not in members:

@@ -272,6 +272,11 @@ def _reverse_(a: torch.Tensor) -> None:
         a[half] = a[half].flip(0)
 
 
+def _int_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    """What holds the integers: int8 ([-2^(b-1), 2^(b-1) - 1]), uint8 for asymmetric 8-bit."""
+    return torch.int8 if (symmetric or bits < 8) else torch.uint8
+
+
 def _native_lib():
     """The CPU helper library with ``qc_gptq_columns`` (None: not built, or disabled)."""
     from qcompile.kernels import cpu_native
@@ -283,7 +288,9 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
                  clip_search: bool, gs: int, grid: str = "restricted",
                  ratio: torch.Tensor | None = None) -> torch.Tensor:
     """The column loop, in place on the permuted weight ``wp``: rounds columns [0, kq), spreads
-    the error onto all later columns (including the float ones), returns the integers [N, kq].
+    the error onto all later columns (including the float ones), returns the integers [N, kq]
+    (int8; uint8 for asymmetric 8-bit; each block's are written as floats into a block-wide
+    buffer first).
     ``gs`` > 0: dynamic groups, whose scales are found when their first column is reached, over
     that group's quantized columns only (never the float ones after column ``kq``).
 
@@ -297,7 +304,9 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
                             and upper.dtype == torch.float32) else None
     group_of = gp.tolist()  # host-side: no device sync per column
     gp64 = gp.to(torch.int64).contiguous()
-    qp = torch.zeros(n, kq, dtype=dtype, device=wp.device)
+    # the integers: each block's as floats (what the column loop writes), then stored as int8
+    qp = torch.zeros(n, kq, dtype=_int_dtype(bits, symmetric), device=wp.device)
+    qb = torch.zeros(n, min(block_size, max(kq, 1)), dtype=dtype, device=wp.device)
     for i1 in range(0, kq, block_size):
         i2 = min(i1 + block_size, k)
         iq = min(i1 + block_size, kq)                  # columns of this block that get rounded
@@ -317,7 +326,7 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
             if dll is not None:
                 dll.qc_gptq_columns(w1.data_ptr(), w1.stride(0), n, hinv1.data_ptr(), hinv1.stride(0), i2 - i1,
                                     i, stop, gp64[i1:].data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                    scale.shape[1], float(lo), float(hi), qp.data_ptr(), qp.stride(0), i1,
+                                    scale.shape[1], float(lo), float(hi), qb.data_ptr(), qb.stride(0), 0,
                                     err1.data_ptr(), err1.stride(0), torch.get_num_threads())
                 i = stop
                 continue
@@ -326,11 +335,12 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
                 wc = w1[:, i]
                 sc, zc = scale[:, g], zero[:, g]
                 qi = torch.clamp(torch.round(wc / sc) + zc, lo, hi)
-                qp[:, i1 + i] = qi
+                qb[:, i] = qi
                 err = (wc - (qi - zc) * sc) / hinv1[i, i]
                 w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
                 err1[:, i] = err
             i = stop
+        qp[:, i1:iq] = qb[:, :iq - i1]  # integers in [lo, hi]: exact in int8 / uint8
         wp[:, i1:i2] = w1
         if i2 < k:
             wp[:, i2:] -= err1 @ upper[i1:iq, i2:]
@@ -358,7 +368,7 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Ca
     concatenation, without a concatenated copy), and ``h`` a function returning H (called when the
     factor is computed and, for ``compute_error``, at the end: a caller may keep H on disk in
     between). Besides its inputs GPTQ holds two K x K buffers while it factors H, then the factor,
-    the weight in processing order and its integers.
+    the weight in processing order (which becomes the reconstruction) and the int8 integers.
     """
     blocks = list(w) if isinstance(w, (list, tuple)) else [w]
     hessian = h() if callable(h) else h  # read again for the factor, then dropped
@@ -435,14 +445,13 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Ca
     # the place of the processed weight (its float columns copied out first)
     outlier_idx = perm[kq:].clone()
     kept = wp[:, kq:].clone()
-    int_dtype = torch.int8 if (symmetric or bits < 8) else torch.uint8
-    q = torch.empty(n, kq, dtype=int_dtype, device=device)
+    q = torch.empty(n, kq, dtype=qp.dtype, device=device)
     recon = wp
     for c0 in range(0, kq, _DEQUANT_COLS):
         pos = q_pos[c0:c0 + _DEQUANT_COLS]
         qc, g = qp[:, pos], gp[pos]
-        recon[:, quant_idx[c0:c0 + _DEQUANT_COLS]] = (qc - zero[:, g]) * scale[:, g]
-        q[:, c0:c0 + _DEQUANT_COLS] = qc.to(int_dtype)
+        recon[:, quant_idx[c0:c0 + _DEQUANT_COLS]] = (qc.to(dtype) - zero[:, g]) * scale[:, g]
+        q[:, c0:c0 + _DEQUANT_COLS] = qc
         del qc
     del qp
     recon[:, outlier_idx] = kept
