@@ -30,7 +30,7 @@ import torch.fx as fx
 from qcompile.analysis import AnalysisResult
 from qcompile.distributed import all_mean_, from_owners, owner, shard, world
 from qcompile.formats import PerGroup, PerRow, RoundedWeights, check_grid, default_grid
-from qcompile.gptq_math import HessianAccumulator, difference_error, gptq_quantize, layer_error, rtn_quantize
+from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
 from qcompile.param_store import Offloaded, offload, release_free_memory
@@ -39,7 +39,7 @@ from qcompile.targets import first_match, selected
 
 __all__ = ["GPTQ", "GPTQRecord", "GPTQRecords"]
 
-_RTN_ROWS = 1024  # rows per band of the round-to-nearest comparison
+_ERROR_ROWS = 1024  # rows per band when the GPTQ and RTN errors are measured
 
 
 @dataclass(frozen=True)
@@ -291,14 +291,9 @@ class GPTQ(Pass):
             start += n
             w_hat = res.weight[part].to(w.device, w.dtype)
             set_tensor(gm, s.weight, w_hat.contiguous())
-            err = layer_error(w, w_hat, h)
-            rtn = _rtn_like(w, res, part, bits, symmetric, clip, grid)
-            if w.dtype == rtn.dtype == torch.float32 and w.device == rtn.device:
-                rtn_err = difference_error(torch.sub(w, rtn, out=rtn), h)  # w - rtn in rtn's memory
-            else:
-                rtn_err = layer_error(w, rtn, h)
+            err, rtn_err = _errors(w, w_hat, h, res, part, bits, symmetric, clip, grid)
             on_w = dict(device=w.device)
-            del w, rtn
+            del w
             records[s.module] = offload(gm, GPTQRecord(
                 q=res.q[part].to(**on_w).contiguous(), scale=res.scale[part].to(**on_w).contiguous(),
                 zero=None if res.zero is None else res.zero[part].to(**on_w).contiguous(), bits=bits,
@@ -331,11 +326,23 @@ def _rtn_like(w: torch.Tensor, res, part: slice, bits: int, symmetric: bool, cli
                             clip_search=clip, grid=grid)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
     scale = res.scale[part, :1].to(w.device, w.dtype)
-    zero = res.zero[part, :1].to(w.device, w.dtype) if res.zero is not None else None
+    zero = res.zero[part, :1].to(w.device, w.dtype) if res.zero is not None else 0.0
     out = w.clone()
     cols = res.quant_idx.to(w.device)
-    for r0 in range(0, w.shape[0], _RTN_ROWS):  # elementwise: a band of rows at a time
-        r = slice(r0, r0 + _RTN_ROWS)
-        z = 0.0 if zero is None else zero[r]
-        out[r, cols] = (torch.clamp(torch.round(w[r][:, cols] / scale[r]) + z, lo, hi) - z) * scale[r]
+    out[:, cols] = (torch.clamp(torch.round(w[:, cols] / scale) + zero, lo, hi) - zero) * scale
     return out
+
+
+def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor, res, part: slice, bits: int,
+            symmetric: bool, clip: bool, grid: str) -> tuple[float, float]:
+    """(GPTQ's, round-to-nearest's) layer error of the linear ``w`` (rows ``part`` of the group),
+    a band of rows at a time: the temporaries (the differences, their products with H, the
+    float64 sums) are band-sized, not weight-sized. Report figures: each band's sum in float64,
+    the bands' sums added."""
+    err = rtn_err = 0.0
+    for r0 in range(0, w.shape[0], _ERROR_ROWS):
+        wb = w[r0:r0 + _ERROR_ROWS]
+        err += layer_error(wb, w_hat[r0:r0 + _ERROR_ROWS], h)
+        rows = slice(part.start + r0, part.start + r0 + wb.shape[0])
+        rtn_err += layer_error(wb, _rtn_like(wb, res, rows, bits, symmetric, clip, grid), h)
+    return err, rtn_err
