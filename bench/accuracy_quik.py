@@ -90,6 +90,10 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
         "quik_4b_damp10": ("QUIK-4B, GPTQ dampening 0.1", quik(32, True, clip=True, d8=True, damp=0.1)),
         "quik_4b_noclip_ao": ("QUIK-4B without the clipping search, act-order (bench experiment)",
                               quik(32, True, d8=True, act_order=True)),
+        **{f"quik_4b_o{k}_ao{'_pd' if pd else ''}": (
+            f"QUIK-4B with {k} outliers, act-order{' + proportional down_proj outliers' if pd else ''} "
+            "(bench experiment)", quik(k, True, clip=True, d8=True, act_order=True, prop_down=pd))
+           for k in (48, 64) for pd in (False, True)},
         "quik_4b_restricted": ("QUIK-4B, GPTQ on the restricted grid", quik(32, True, clip=True, d8=True, grid="restricted")),
         "quik_4b_full": ("QUIK-4B, GPTQ on the full grid", quik(32, True, clip=True, d8=True, grid="full")),
         "rtn_w4a16": ("RTN W4A16 per channel", w_only(4, 0, False)),
