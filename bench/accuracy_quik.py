@@ -148,7 +148,8 @@ def _quik_act_order_gptq() -> type:
                 if perm is not None and keep_last:
                     kq = perm.numel() - keep_last
                     rest = perm[:kq]
-                    diag = torch.diag(hh)[rest.to(hh.device)].cpu()
+                    hm = hh() if callable(hh) else hh  # a streamed Hessian is passed as its loader
+                    diag = torch.diag(hm)[rest.to(hm.device)].cpu()
                     rest = rest[torch.argsort(diag, descending=True, stable=True).to(rest.device)]
                     perm = torch.cat([rest, perm[kq:]])
                 return plain(w, hh, *a, keep_last=keep_last, perm=perm, **kw)
