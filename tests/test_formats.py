@@ -236,3 +236,41 @@ def test_models_saved_in_format_version_1_still_load_and_compute_the_same(name):
         assert nodes[0].scheme == WeightOnly(4, PerGroup(32), False)
     with torch.no_grad():
         assert torch.equal(loaded(expected["ids"]), expected[name])
+
+
+@pytest.mark.parametrize("group,sym,outliers", [(0, True, 0), (32, False, 0), (0, True, 5), (16, True, 3)])
+def test_rounded_usable_compares_band_by_band_as_one_whole_weight_test(monkeypatch, group, sym, outliers):
+    """The banded comparison is the whole-weight allclose (tolerance from the whole weight's
+    abs-max): a change in any band, the largest row in another band, all decide alike."""
+    import qcompile.formats.weight_only as wo
+    from qcompile.formats.scheme import RoundedWeights
+
+    monkeypatch.setattr(wo, "_BAND_ROWS", 7)
+    g = torch.Generator().manual_seed(group + outliers)
+    n, k = 30, 64
+    cols = torch.arange(outliers, k)
+    kq = cols.numel()
+    groups = -(-kq // group) if group else 1
+    q = torch.randint(-8, 8, (n, kq), generator=g).to(torch.int8)
+    scale = torch.rand(n, groups, generator=g) * 0.1 + 0.01
+    scale[25] *= 50.0  # the largest row sits in the last band: it sets the tolerance for every band
+    zero = torch.randint(0, 4, (n, groups), generator=g).float() if not sym else None
+    idx = torch.arange(kq) // group if group else torch.zeros(kq, dtype=torch.long)
+    w = torch.randn(n, k, generator=g)
+    w[:, cols] = (q.float() - (zero[:, idx] if zero is not None else 0.0)) * scale[:, idx]
+    rec = RoundedWeights(q, scale, zero, 4, group, sym, cols, torch.arange(outliers))
+
+    def whole(weight):
+        deq = (q.float() - (zero[:, idx] if zero is not None else 0.0)) * scale[:, idx]
+        ref = weight[:, cols].float()
+        return bool(torch.allclose(deq, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max().clamp_min(1e-12))))
+
+    assert wo.rounded_usable(rec, w, 4, group, sym, outlier_free=False) is whole(w) is True
+    verdicts = []
+    for row, delta in ((2, 1e-5), (2, 1e-3), (13, 5e-2), (29, 1e-3)):
+        changed = w.clone()
+        changed[row, cols[0]] += delta
+        verdicts.append(wo.rounded_usable(rec, changed, 4, group, sym, outlier_free=False))
+        assert verdicts[-1] is whole(changed)
+    # 1e-5 in the first band is within the tolerance row 25 sets (not within the first band's own)
+    assert verdicts == [True, False, False, False]

@@ -68,10 +68,21 @@ def rounded_usable(record: RoundedWeights | None, w: torch.Tensor, bits: int, gr
     cols = record.quant_idx
     g = record.group_size
     groups = torch.arange(cols.numel()) // g if g else torch.zeros(cols.numel(), dtype=torch.long)
-    zero = record.zero[:, groups] if record.zero is not None else 0.0
-    deq = (record.q.float() - zero) * record.scale[:, groups]
-    ref = w[:, cols].float()
-    return bool(torch.allclose(deq, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max().clamp_min(1e-12))))
+    # compared a band of rows at a time (the same elementwise test as one allclose over the whole
+    # weight, with the whole weight's abs-max in the tolerance): the gathered and dequantized copies
+    # of a wide layer are otherwise several weight-sized float32 temporaries at once
+    bands = [slice(r, r + _BAND_ROWS) for r in range(0, w.shape[0], _BAND_ROWS)]
+    amax = max((float(w[band][:, cols].float().abs().max()) for band in bands if cols.numel()), default=0.0)
+    atol = 1e-6 * max(amax, 1e-12)
+    for band in bands:
+        zero = record.zero[band][:, groups] if record.zero is not None else 0.0
+        deq = (record.q[band].float() - zero) * record.scale[band][:, groups]
+        if not torch.allclose(deq, w[band][:, cols].float(), rtol=1e-5, atol=atol):
+            return False
+    return True
+
+
+_BAND_ROWS = 1024  # rows per band of rounded_usable's comparison
 
 
 @register_scheme
