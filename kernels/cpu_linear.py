@@ -334,6 +334,7 @@ def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: 
     n = qweight.shape[0]
     if dtype not in _FLOAT_CODES or qweight.stride(1) != 1:
         return None
+
     def bias_in_dtype() -> Tensor | None:
         return None if bias is None else _layout(qweight, f"bias:{dtype}", (bias,), lambda: bias.to(dtype))
 

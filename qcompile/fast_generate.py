@@ -21,10 +21,9 @@ with the same stored tensors, inside the HF model), and
 - decoding runs a static KV cache with the one-token decode step compiled by ``torch.compile``
   (inductor). The cache length is rounded up to a power of two (at least ``MIN_CACHE_LEN``), so
   prompts and generation lengths of the same order reuse one compiled step instead of compiling
-  anew; within one generation only the first compiled step evaluates dynamo's guards (the later
-  steps have the same shapes, dtypes and modules: ``skip_guard_eval_unsafe``). Compiling costs tens
-  of seconds once per process, so ``compile_decode="auto"`` compiles only for generations of at
-  least ``COMPILE_MIN_TOKENS`` tokens; otherwise the eager step with a dynamic cache runs (HF's own).
+  anew. Compiling costs tens of seconds once per process, so ``compile_decode="auto"`` compiles
+  only for generations of at least ``COMPILE_MIN_TOKENS`` tokens; otherwise the eager step with a
+  dynamic cache runs (HF's own).
 
 ``FastModel(model)`` wraps an eager model (float, or with lowered ops); ``from_saved(gm)`` builds
 one from a loaded compiled model. ``time_prefill`` / ``time_decode`` are what bench/cpu.py times.
@@ -218,10 +217,7 @@ class FastModel:
                 break
             p = torch.tensor([t + i])
             if step is not None:
-                # the first step checks the guards (a changed model or cache recompiles); the later
-                # ones differ only in the values of ids, position and cache contents
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=i > 0):
-                    logits = step(nxt, cache, p)[:, -1]
+                logits = step(nxt, cache, p)[:, -1]
             else:
                 logits = self.model(input_ids=nxt, cache=cache, cache_position=p, position_ids=p[None],
                                     use_cache=True, logits_to_keep=1).logits[:, -1]
