@@ -65,7 +65,7 @@ def tamper(d: Path, edit, reseal: bool = True) -> None:
     (d / "qcompile.json").write_text(json.dumps(m))
 
 
-def refused(d: Path, match: str) -> None:
+def assert_refused(d: Path, match: str) -> None:
     """load(d) raises SerializationError matching ``match`` and writes nothing anywhere near."""
     root = d.parent
     before = _tree(root)
@@ -86,7 +86,7 @@ def _add_node(m, target, args, name="pwn"):
 
 def test_node_calling_builtins_exec_is_refused(model):
     tamper(model, lambda m: _add_node(m, {"fn": "builtins:exec"}, [PAYLOAD]))
-    refused(model, r"node 'pwn' calls 'builtins:exec'")
+    assert_refused(model, r"node 'pwn' calls 'builtins:exec'")
 
 
 def test_node_calling_torch_load_is_refused(model):
@@ -96,7 +96,7 @@ def test_node_calling_torch_load_is_refused(model):
 
     (model / "evil.pt").write_bytes(pickle.dumps(Evil()))
     tamper(model, lambda m: _add_node(m, {"fn": "torch:load"}, [str(model / "evil.pt")], name="unpickle"))
-    refused(model, r"node 'unpickle' calls 'torch:load'")
+    assert_refused(model, r"node 'unpickle' calls 'torch:load'")
 
 
 @pytest.mark.parametrize("target", [{"fn": "builtins:eval"}, {"fn": "os:system"}, {"fn": "builtins:__import__"},
@@ -106,14 +106,14 @@ def test_node_calling_torch_load_is_refused(model):
                                     {"op": "qcompile::not_lowered.default"}, {"op": "aten::__class__.default"}])
 def test_other_dangerous_targets_are_refused(model, target):
     tamper(model, lambda m: _add_node(m, target, [PAYLOAD]))
-    refused(model, r"node 'pwn' calls")
+    assert_refused(model, r"node 'pwn' calls")
 
 
 def test_getattr_reaching_dunders_is_refused(model):
     def edit(m):
         _add_node(m, {"fn": "builtins:getattr"}, [{"node": "input_ids"}, "__class__"])
     tamper(model, edit)
-    refused(model, r"node 'pwn' calls getattr other than")
+    assert_refused(model, r"node 'pwn' calls getattr other than")
 
 
 @pytest.mark.parametrize("method", ["numpy", "tofile", "__reduce_ex__", "storage"])
@@ -122,26 +122,26 @@ def test_call_method_outside_the_list_is_refused(model, method):
         m["graph"].insert(len(m["graph"]) - 1, {"name": "pwn", "op": "call_method", "target": method,
                                                 "args": [{"node": "input_ids"}, "pwned.txt"], "kwargs": {}})
     tamper(model, edit)
-    refused(model, rf"node 'pwn' calls method '{method}'")
+    assert_refused(model, rf"node 'pwn' calls method '{method}'")
 
 
 @pytest.mark.parametrize("key", ["../x", "/etc/passwd", "tokenizer/../../x", "./tensors.safetensors", "a//b"])
 def test_path_traversal_in_files_is_refused(model, key):
     (model.parent / "x").write_text("outside")
     tamper(model, lambda m: m["files"].update({key: "0" * 64}))
-    refused(model, "not a plain relative path")
+    assert_refused(model, "not a plain relative path")
 
 
 def test_absolute_path_to_an_existing_file_is_refused(model):
     outside = model.parent / "outside.bin"
     outside.write_bytes(b"secret")
     tamper(model, lambda m: m["files"].update({str(outside): _sha(outside)}))
-    refused(model, "not a plain relative path")
+    assert_refused(model, "not a plain relative path")
 
 
 def test_empty_files_is_refused(model):
     tamper(model, lambda m: m.update(files={}))
-    refused(model, "must list tensors.safetensors")
+    assert_refused(model, "must list tensors.safetensors")
 
 
 def test_files_without_the_tensor_file_is_refused(model):
@@ -149,27 +149,27 @@ def test_files_without_the_tensor_file_is_refused(model):
         m["files"] = {"other.txt": "0" * 64}
     (model / "other.txt").write_text("x")
     tamper(model, edit)
-    refused(model, "must list tensors.safetensors")
+    assert_refused(model, "must list tensors.safetensors")
 
 
 def test_symlink_leading_out_is_refused(model):
     outside = model.parent / "outside.safetensors"
     shutil.move(model / "tensors.safetensors", outside)
     os.symlink(outside, model / "tensors.safetensors")
-    refused(model, "leads outside")
+    assert_refused(model, "leads outside")
 
 
 def test_fifo_instead_of_the_tensor_file_is_refused_without_hanging(model):
     (model / "tensors.safetensors").unlink()
     os.mkfifo(model / "tensors.safetensors")
-    refused(model, "not a regular file")
+    assert_refused(model, "not a regular file")
 
 
 @pytest.mark.parametrize("shape", [[2**40], [2**20, 2**20], [2**62, 2]])
 def test_huge_shape_in_the_manifest_is_refused_before_allocating(model, shape):
     name = "model.embed_tokens.weight"
     tamper(model, lambda m: m["tensors"][name].update(shape=shape))
-    refused(model, rf"tensor '{name}' is stored as float32\[128, 64\], the manifest says float32\[")
+    assert_refused(model, rf"tensor '{name}' is stored as float32\[128, 64\], the manifest says float32\[")
 
 
 def test_huge_shape_in_the_tensor_header_is_refused(model):
@@ -183,7 +183,7 @@ def test_huge_shape_in_the_tensor_header_is_refused(model):
     hb = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
     tamper(model, lambda m: m["tensors"][name].update(shape=[2**40]))
-    refused(model, "malformed header entry")
+    assert_refused(model, "malformed header entry")
 
 
 def test_huge_header_length_is_refused(model):
@@ -191,7 +191,7 @@ def test_huge_header_length_is_refused(model):
     raw = path.read_bytes()
     path.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
     tamper(model, lambda m: None)
-    refused(model, "truncated or corrupt")
+    assert_refused(model, "truncated or corrupt")
 
 
 # ---------------------------------------------------------------- code injection through names
@@ -216,14 +216,14 @@ def _first(m, op):
 ])
 def test_injection_through_names_is_refused(model, edit, match):
     tamper(model, edit)
-    refused(model, match)
+    assert_refused(model, match)
 
 
 # ---------------------------------------------------------------- integrity and malformed structure
 
 def test_modified_manifest_without_checksum_update_is_refused(model):
     tamper(model, lambda m: m["tensors"]["model.norm.weight"].update(parameter=False), reseal=False)
-    refused(model, "does not match its checksum: the manifest")
+    assert_refused(model, "does not match its checksum: the manifest")
 
 
 @pytest.mark.parametrize("edit", [
@@ -274,7 +274,7 @@ def test_version_1_manifest_loads_after_the_same_checks(model, saved):
     with torch.no_grad():
         assert torch.equal(qcompile.load(model)(IDS), saved[1])
     tamper(model, lambda m: _add_node(m, {"fn": "builtins:exec"}, [PAYLOAD]), reseal=False)
-    refused(model, r"node 'pwn' calls 'builtins:exec'")
+    assert_refused(model, r"node 'pwn' calls 'builtins:exec'")
 
 
 # ---------------------------------------------------------------- the allow-lists
