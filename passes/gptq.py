@@ -30,7 +30,7 @@ import torch.fx as fx
 from qcompile.analysis import AnalysisResult
 from qcompile.distributed import all_mean_, from_owners, owner, shard, world
 from qcompile.formats import PerGroup, PerRow, RoundedWeights, check_grid, default_grid
-from qcompile.gptq_math import HessianAccumulator, gptq_quantize, layer_error, rtn_quantize
+from qcompile.gptq_math import HessianAccumulator, difference_errors, gptq_quantize, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
 from qcompile.param_store import Offloaded, offload, release_free_memory
@@ -279,10 +279,9 @@ class GPTQ(Pass):
             rest = torch.nonzero(rest).flatten()
             rest = rest[torch.argsort(st.absmax[rest], stable=True)]
             perm = torch.cat([rest, idx.long()])
-        res = gptq_quantize(ws, h.load if isinstance(h, Offloaded) else h, bits, group_size, symmetric,
+        res = gptq_quantize(ws, h, bits, group_size, symmetric,
                             bool(self.act_order), self.block_size, self.damp, keep_last=keep, clip_search=clip,
                             perm=perm, grid=grid, compute_error=False, clip_ratio=ratio)  # per linear below
-        h = _in_memory(h)
         rows, start = [], 0
         for i, s in enumerate(group):
             w, ws[i] = ws[i], None
@@ -333,16 +332,18 @@ def _rtn_like(w: torch.Tensor, res, part: slice, bits: int, symmetric: bool, cli
     return out
 
 
-def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor, res, part: slice, bits: int,
+def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | Offloaded, res, part: slice, bits: int,
             symmetric: bool, clip: bool, grid: str) -> tuple[float, float]:
     """(GPTQ's, round-to-nearest's) layer error of the linear ``w`` (rows ``part`` of the group),
-    a band of rows at a time: the temporaries (the differences, their products with H, the
-    float64 sums) are band-sized, not weight-sized. Report figures: each band's sum in float64,
-    the bands' sums added."""
+    a band of rows at a time, H read a band of its rows at a time (from disk when offloaded): the
+    temporaries are band-sized, not weight- or Hessian-sized. Report figures: band sums in
+    float64, added."""
     err = rtn_err = 0.0
     for r0 in range(0, w.shape[0], _ERROR_ROWS):
         wb = w[r0:r0 + _ERROR_ROWS]
-        err += layer_error(wb, w_hat[r0:r0 + _ERROR_ROWS], h)
         rows = slice(part.start + r0, part.start + r0 + wb.shape[0])
-        rtn_err += layer_error(wb, _rtn_like(wb, res, rows, bits, symmetric, clip, grid), h)
+        d = wb.float() - w_hat[r0:r0 + _ERROR_ROWS].to(wb.device).float()
+        d_rtn = wb.float() - _rtn_like(wb, res, rows, bits, symmetric, clip, grid).float()
+        e, e_rtn = difference_errors([d, d_rtn], h)
+        err, rtn_err = err + e, rtn_err + e_rtn
     return err, rtn_err

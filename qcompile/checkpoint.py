@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Checkpoint", "CheckpointError", "INDEX", "SINGLE", "write_safetensors"]
+__all__ = ["Checkpoint", "CheckpointError", "INDEX", "SINGLE", "read_rows", "tensor_info", "write_safetensors"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -80,17 +80,7 @@ class Checkpoint:
     def _header(self, file: str) -> tuple[int, dict]:
         """(offset of the data, the JSON header) of a shard, read once."""
         if file not in self._headers:
-            fd = self._fd(file)
-            head = os.pread(fd, 8, 0)
-            if len(head) != 8:
-                raise CheckpointError(f"{self.path / file} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            try:
-                header = json.loads(os.pread(fd, n, 8))
-            except ValueError as err:
-                raise CheckpointError(f"{self.path / file} has a malformed safetensors header: {err}") from err
-            header.pop("__metadata__", None)
-            self._headers[file] = (8 + n, header)
+            self._headers[file] = _read_header(self._fd(file), self.path / file)
         return self._headers[file]
 
     def read(self, name: str) -> torch.Tensor:
@@ -103,17 +93,7 @@ class Checkpoint:
         entry = header.get(name)
         if entry is None:
             raise CheckpointError(f"{self.path / file} does not hold {name!r}, which {INDEX} says it does")
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"tensor {name!r} has dtype {entry['dtype']}, which qcompile cannot read")
-        begin, end = entry["data_offsets"]
-        buf = bytearray(end - begin)
-        got = os.preadv(self._fd(file), [buf], start + begin) if buf else 0
-        if got != len(buf):
-            raise CheckpointError(f"{self.path / file} is truncated: {name!r} needs {len(buf)} bytes, read {got}")
-        if not buf:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
+        return _read_entry(self._fd(file), self.path / file, name, entry, start)
 
     def close(self) -> None:
         for fd in self._files.values():
@@ -123,6 +103,74 @@ class Checkpoint:
     def __del__(self) -> None:
         self.close()
 
+
+
+def _read_header(fd: int, path: Path) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of the safetensors file open as ``fd``."""
+    head = os.pread(fd, 8, 0)
+    if len(head) != 8:
+        raise CheckpointError(f"{path} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", head)
+    try:
+        header = json.loads(os.pread(fd, n, 8))
+    except ValueError as err:
+        raise CheckpointError(f"{path} has a malformed safetensors header: {err}") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a malformed safetensors header: not a JSON object")
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _read_entry(fd: int, path: Path, name: str, entry: dict, data_start: int,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Tensor ``name`` (its header ``entry``), or only its rows [start, stop), read with one
+    positioned read into memory of its own."""
+    dtype = _DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"tensor {name!r} has dtype {entry['dtype']}, which qcompile cannot read")
+    shape = list(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if rows is not None:
+        if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
+            raise ValueError(f"rows {rows} of {name!r} {shape} are out of range")
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        shape[0] = rows[1] - rows[0]
+    buf = bytearray(end - begin)
+    got = os.preadv(fd, [buf], data_start + begin) if buf else 0
+    if got != len(buf):
+        raise CheckpointError(f"{path} is truncated: {name!r} needs {len(buf)} bytes, read {got}")
+    if not buf:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def read_rows(path: str | os.PathLike, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of tensor ``name`` in the safetensors file ``path`` (one positioned
+    read: no memory map, so the rest of the tensor never enters the process)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data_start, header = _read_header(fd, path)
+        entry = header.get(name)
+        if entry is None:
+            raise CheckpointError(f"{path} does not hold {name!r}")
+        return _read_entry(fd, path, name, entry, data_start, (start, stop))
+    finally:
+        os.close(fd)
+
+
+def tensor_info(path: str | os.PathLike, name: str) -> tuple[torch.dtype, list[int]]:
+    """(dtype, shape) of tensor ``name`` in the safetensors file ``path``, from its header."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        entry = _read_header(fd, path)[1].get(name)
+    finally:
+        os.close(fd)
+    if entry is None or entry.get("dtype") not in _DTYPES:
+        raise CheckpointError(f"{path} does not hold a readable {name!r}")
+    return _DTYPES[entry["dtype"]], list(entry["shape"])
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                       value: Callable[[str, torch.Tensor], torch.Tensor]) -> None:

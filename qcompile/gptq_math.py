@@ -22,14 +22,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from qcompile.formats import check_grid, int_range, symmetric_qmax
 
-__all__ = ["GPTQResult", "HessianAccumulator", "gptq_quantize", "rtn_quantize", "layer_error",
-           "difference_error", "find_scale", "CLIP_NORM"]
+__all__ = ["GPTQResult", "HessianAccumulator", "HessianRows", "hessian_rows", "gptq_quantize", "rtn_quantize",
+           "layer_error", "difference_error", "difference_errors", "find_scale", "CLIP_NORM"]
 
 CLIP_NORM = 2.4          # QUIK's exponent of the clipping-search error
 _CLIP_GRID = 100         # shrink factors 1 - i/100 ...
@@ -37,6 +37,39 @@ _CLIP_STEPS = 80         # ... for i < 80: 1.00 down to 0.21
 _MAX_DAMP_TRIES = 6
 _GATHER_ROWS = 512      # rows per band when a K x K matrix is permuted or reversed
 _DEQUANT_COLS = 512     # columns per band when the rounded layer is put back in order
+_INVERSE_COLS = 1024    # columns per band of the in-place triangular inverse
+_UPDATE_COLS = 2048     # columns per band of the block's error update on the later columns
+_ERROR_BAND = 1024      # rows of H per band when a layer error is measured
+
+
+class HessianRows(Protocol):
+    """A [K, K] Hessian read a band of rows at a time: an in-memory tensor (``hessian_rows``) or
+    one kept on disk (``qcompile.param_store.Offloaded``), so GPTQ never needs a second whole copy."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+
+class _InMemoryRows:
+    def __init__(self, h: torch.Tensor):
+        self.h, self.shape, self.dtype, self.device = h, h.shape, h.dtype, h.device
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.h[start:stop]
+
+
+def hessian_rows(h: "torch.Tensor | HessianRows") -> HessianRows:
+    """``h`` itself when it reads its rows, else an in-memory tensor wrapped to do so."""
+    return _InMemoryRows(h) if isinstance(h, torch.Tensor) else h
+
+
+def _diagonal(src: HessianRows, dtype: torch.dtype) -> torch.Tensor:
+    k = src.shape[0]
+    return torch.cat([src.rows(r0, min(r0 + _ERROR_BAND, k))[:, r0:r0 + _ERROR_BAND].diagonal().to(dtype)
+                      for r0 in range(0, k, _ERROR_BAND)]) if k else torch.zeros(0, dtype=dtype, device=src.device)
 
 
 @dataclass
@@ -102,15 +135,30 @@ class HessianAccumulator:
         self.n += m
 
 
-def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """sum over rows of (w - w_hat) H (w - w_hat)^T (a report figure: the product in float32, the
-    sum in float64)."""
+def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: "torch.Tensor | HessianRows") -> float:
+    """sum over rows of (w - w_hat) H (w - w_hat)^T (a report figure: the products in float32,
+    the sums in float64)."""
     return difference_error(w.to(w_hat.device).float() - w_hat.float(), h)
 
 
-def difference_error(d: torch.Tensor, h: torch.Tensor) -> float:
+def difference_error(d: torch.Tensor, h: "torch.Tensor | HessianRows") -> float:
     """``layer_error`` from the difference d = w - w_hat (float32) itself."""
-    return float((d @ h.to(d.device).float()).mul_(d).sum(dtype=torch.float64))
+    return difference_errors([d], h)[0]
+
+
+def difference_errors(ds: Sequence[torch.Tensor], h: "torch.Tensor | HessianRows") -> list[float]:
+    """``difference_error`` of each of ``ds`` [N_i, K], reading H once, a band of its rows at a
+    time: sum_b sum((d[:, b] @ H[b, :]) * d), the band sums in float64."""
+    src = hessian_rows(h)
+    k = src.shape[0]
+    totals = [0.0] * len(ds)
+    for r0 in range(0, k, _ERROR_BAND):
+        band = src.rows(r0, min(r0 + _ERROR_BAND, k))
+        for i, d in enumerate(ds):
+            hb = band.to(d.device).float()
+            totals[i] += float((d[:, r0:r0 + hb.shape[0]] @ hb).mul_(d).sum(dtype=torch.float64))
+        del band
+    return totals
 
 
 # ---------------------------------------------------------------- scales
@@ -191,38 +239,41 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: boo
 
 # ---------------------------------------------------------------- GPTQ
 
-def _prepare_hessian(h: torch.Tensor | Callable[[], torch.Tensor], w: torch.Tensor | None, damp: float,
+def _prepare_hessian(h: "torch.Tensor | HessianRows", w: torch.Tensor | None, damp: float,
                      perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The upper Cholesky factor of the dampened inverse of H permuted to ``perm`` (default: as
-    it is; H itself is not changed; a function returning H is called once per dampening tried
-    and its H dropped once copied); dead columns (diag 0) get a unit diagonal (and are zeroed in
-    ``w``, in ``perm``'s order, when one is given), and more dampening is added (with a warning)
-    while H is not positive definite. Returns (factor, dead columns in ``perm``'s order, the
-    dampening added).
+    it is; H itself is not changed and is read a band of rows at a time, so it may stay on disk);
+    dead columns (diag 0) get a unit diagonal (and are zeroed in ``w``, in ``perm``'s order, when
+    one is given), and more dampening is added (with a warning) while H is not positive definite.
+    Works in float64 for a float64 H, else float32. Returns (factor, dead columns in ``perm``'s
+    order, the dampening added).
 
     The factor comes from one Cholesky and one triangular inverse, without forming H^-1: with J
     the order reversal and J H J = M M^T (M lower), H^-1 = U^T U for U = J M^-1 J (upper). This
     is the same factor as cholesky(cholesky_inverse(cholesky(H)), upper=True) to float rounding,
     and 10-30x faster on the CPU, where ``torch.cholesky_inverse`` is slow.
 
-    Memory: two K x K buffers besides ``h``. The permuted, reversed, dampened H is gathered into
-    the first and factored in place (``out=``); the second starts as the identity and receives
-    M^-1 in place, reversed in place into U. Bit for bit the values of the plain expressions
-    ``cholesky_ex((h[perm][:, perm] + amount * eye).flip(0, 1))`` and
+    Memory: one K x K buffer and band-sized temporaries. The permuted, reversed, dampened H is
+    gathered into it and factored in place (``out=``); M^-1 is then written over M a band of
+    columns at a time (``_invert_lower_``), and the buffer is reversed in place into U. The
+    values are those of ``cholesky_ex((h[perm][:, perm] + amount * eye).flip(0, 1))`` and, to
+    float rounding (bit for bit with the CPU's LAPACK at 1024-column bands, as tested),
     ``solve_triangular(chol, eye).flip(0, 1)``, in the same (column-major) layout."""
-    read = h if callable(h) else (lambda: h)
+    src = hessian_rows(h)
+    k, device = src.shape[0], src.device
+    dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
+    rev = torch.arange(k - 1, -1, -1, device=device) if perm is None else perm.flip(0)
+    at = torch.empty_like(rev)
+    at[rev] = torch.arange(k, device=device)  # at[i]: the row of J P^T H P J that H's row i becomes
     frac = damp
     for attempt in range(_MAX_DAMP_TRIES):
-        hh = read()
-        k, dtype, device = hh.shape[0], hh.dtype, hh.device
-        rev = torch.arange(k - 1, -1, -1, device=device) if perm is None else perm.flip(0)
-        # a: J P^T H P J, stored transposed so that a.mT is column-major (what LAPACK factors in place)
+        # a = J P^T H P J, stored transposed so that a.mT is column-major (what LAPACK factors in
+        # place): buf[c, at[i]] = H[i, rev[c]], filled from H's rows a band at a time
         buf = torch.empty(k, k, dtype=dtype, device=device)
         for r0 in range(0, k, _GATHER_ROWS):
-            rows = torch.index_select(hh.mT, 0, rev[r0:r0 + _GATHER_ROWS])
-            torch.index_select(rows, 1, rev, out=buf[r0:r0 + _GATHER_ROWS])
-            del rows
-        del hh
+            band = src.rows(r0, min(r0 + _GATHER_ROWS, k)).to(device, dtype)
+            buf.index_copy_(1, at[r0:r0 + band.shape[0]], torch.index_select(band, 1, rev).mT)
+            del band
         a = buf.mT
         diag = a.diagonal()
         dead = diag == 0
@@ -234,14 +285,14 @@ def _prepare_hessian(h: torch.Tensor | Callable[[], torch.Tensor], w: torch.Tens
         amount = frac * max(diag_mean, 1e-12)
         buf.add_(amount * 0.0)   # h + amount * eye: off the diagonal x + 0.0 (-0.0 -> +0.0)
         diag.add_(amount)        # on it x + amount
+        del diag
         info = torch.empty((), dtype=torch.int32, device=device)
         torch.linalg.cholesky_ex(a, out=(a, info))
         if int(info) == 0:
-            upper = torch.eye(k, dtype=dtype, device=device).mT
-            torch.linalg.solve_triangular(a, upper, upper=False, out=upper)
-            del a, diag, buf
-            _reverse_(upper.mT)  # flip(0, 1), in place
-            if all(bool(torch.isfinite(upper[r0:r0 + _GATHER_ROWS]).all()) for r0 in range(0, k, _GATHER_ROWS)):
+            _invert_lower_(a)
+            _reverse_(buf)  # a.flip(0, 1), in place
+            upper = a
+            if all(bool(torch.isfinite(buf[r0:r0 + _GATHER_ROWS]).all()) for r0 in range(0, k, _GATHER_ROWS)):
                 if attempt:
                     warnings.warn(f"GPTQ: the Hessian was not positive definite with dampening "
                                   f"{damp:g} x mean(diag H); used {frac:g} instead", RuntimeWarning,
@@ -251,11 +302,26 @@ def _prepare_hessian(h: torch.Tensor | Callable[[], torch.Tensor], w: torch.Tens
                     w[:, dead] = 0.0
                 return upper, dead, amount
             del upper
-        else:
-            del a, diag, buf
+        del a, buf
         last, frac = frac, (frac * 10.0 if frac > 0 else 0.01)
     raise ValueError(f"GPTQ: the Hessian stays singular even with dampening {last:g} x "
                      "mean(diag H); check the calibration inputs")
+
+
+def _invert_lower_(a: torch.Tensor) -> None:
+    """M^-1 written over the lower-triangular M in ``a`` (column-major, as ``a = buf.mT`` of a
+    contiguous buffer; its upper triangle zero), a band of columns at a time: band c of M^-1
+    solves M X = I[:, c] and is zero above row c, and such a solve multiplies M's columns before
+    c only by those zeros, so they may already hold M^-1's. The whole ``a`` is passed to LAPACK
+    each time: a sub-block of it would be copied first (up to K x K)."""
+    k = a.shape[0]
+    for c0 in range(0, k, _INVERSE_COLS):
+        c1 = min(c0 + _INVERSE_COLS, k)
+        eye = torch.zeros(c1 - c0, k, dtype=a.dtype, device=a.device).mT  # column-major, as LAPACK wants
+        eye[c0:].diagonal().fill_(1.0)
+        torch.linalg.solve_triangular(a, eye, upper=False, out=eye)
+        a[:, c0:c1] = eye
+        del eye
 
 
 def _reverse_(a: torch.Tensor) -> None:
@@ -342,12 +408,13 @@ def _gptq_blocks(wp: torch.Tensor, upper: torch.Tensor, gp: torch.Tensor, scale:
             i = stop
         qp[:, i1:iq] = qb[:, :iq - i1]  # integers in [lo, hi]: exact in int8 / uint8
         wp[:, i1:i2] = w1
-        if i2 < k:
-            wp[:, i2:] -= err1 @ upper[i1:iq, i2:]
+        for c0 in range(i2, k, _UPDATE_COLS):  # a band of later columns at a time: no [N, K] temporary
+            c1 = min(c0 + _UPDATE_COLS, k)
+            wp[:, c0:c1] -= err1 @ upper[i1:iq, c0:c1]
     return qp
 
 
-def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Callable[[], torch.Tensor],
+def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: "torch.Tensor | HessianRows",
                   bits: int, group_size: int = 0,
                   symmetric: bool = True, act_order: bool = False, block_size: int = 128,
                   damp: float = 0.01, keep_last: int = 0, clip_search: bool = False,
@@ -365,43 +432,39 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Ca
     of searched.
 
     Memory: ``w`` may be a list of row blocks (the linears sharing ``h``: rounded as their
-    concatenation, without a concatenated copy), and ``h`` a function returning H (called when the
-    factor is computed and, for ``compute_error``, at the end: a caller may keep H on disk in
-    between). Besides its inputs GPTQ holds two K x K buffers while it factors H, then the factor,
-    the weight in processing order (which becomes the reconstruction) and the int8 integers.
+    concatenation, without a concatenated copy), and ``h`` a ``HessianRows`` kept on disk (read a
+    band of rows at a time when the factor is computed and, for ``compute_error``, at the end).
+    Besides its inputs GPTQ holds one K x K buffer (the factor), the weight in processing order
+    (which becomes the reconstruction), the int8 integers and band-sized temporaries.
     """
     blocks = list(w) if isinstance(w, (list, tuple)) else [w]
-    hessian = h() if callable(h) else h  # read again for the factor, then dropped
+    src = hessian_rows(h)
     n, k = sum(b.shape[0] for b in blocks), blocks[0].shape[-1]
     if clip_ratio is not None and clip_ratio.shape != (n,):
         raise ValueError(f"clip_ratio must hold one ratio per row ({n}), got {tuple(clip_ratio.shape)}")
-    if any(b.dim() != 2 or b.shape[1] != k for b in blocks) or hessian.shape != (k, k):
+    if any(b.dim() != 2 or b.shape[1] != k for b in blocks) or tuple(src.shape) != (k, k):
         shapes = " + ".join(str(tuple(b.shape)) for b in blocks)
-        raise ValueError(f"gptq_quantize: weight {shapes} and Hessian {tuple(hessian.shape)} "
+        raise ValueError(f"gptq_quantize: weight {shapes} and Hessian {tuple(src.shape)} "
                          "do not match (H must be [K, K] for W [N, K])")
     if not 0 <= keep_last <= k:
         raise ValueError(f"keep_last={keep_last} must be between 0 and the width {k}")
     check_grid(grid)
-    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    device = hessian.device
-    hd = hessian.to(dtype)
+    dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
+    device = src.device
+    diag_h = _diagonal(src, dtype)
     kq = k - keep_last
     if perm is None:
         perm = torch.arange(k, device=device)
         if act_order:
-            order = torch.argsort(torch.diag(hd)[:kq], descending=True, stable=True)
+            order = torch.argsort(diag_h[:kq], descending=True, stable=True)
             perm = torch.cat([order, torch.arange(kq, k, device=device)])
     else:
         perm = torch.as_tensor(perm, dtype=torch.long).to(device)
         if perm.numel() != k or not torch.equal(torch.sort(perm).values, torch.arange(k, device=device)):
             raise ValueError(f"perm must be a permutation of range({k})")
-    dead = torch.diag(hd) == 0
-    if callable(h):  # held only while the factor's buffer is filled
-        del hessian, hd
-        upper, _, damp_amount = _prepare_hessian(lambda: h().to(dtype), None, damp, perm)
-    else:
-        upper, _, damp_amount = _prepare_hessian(hd, None, damp, perm)
-        del hessian, hd
+    dead = diag_h == 0
+    del diag_h
+    upper, _, damp_amount = _prepare_hessian(src, None, damp, perm)
 
     # the weight in processing order: the one copy GPTQ updates (dead columns zero)
     wp = torch.empty(n, k, dtype=dtype, device=device)
@@ -458,7 +521,7 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor | Ca
     recon[:, dead] = 0.0
     error = float("nan")
     if compute_error:
-        error = layer_error(torch.cat(blocks) if len(blocks) > 1 else blocks[0], recon, h() if callable(h) else h)
+        error = layer_error(torch.cat(blocks) if len(blocks) > 1 else blocks[0], recon, src)
     return GPTQResult(
         q=q, scale=scale.float(), zero=None if symmetric else zero.float(), bits=bits,
         group_size=gs, quant_idx=quant_idx, outlier_idx=outlier_idx,

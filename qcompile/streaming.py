@@ -39,7 +39,7 @@ from qcompile.checkpoint import Checkpoint, CheckpointError
 from qcompile.frontend import trace
 from qcompile.graph_query import layer_partition
 from qcompile.instruments import CompileReport, Instrument, PassRecord
-from qcompile.param_store import STORE_KEY, ParameterStore, store_of
+from qcompile.param_store import STORE_KEY, ParameterStore, store_of, unmap_large_allocations
 from qcompile.pass_manager import CompileContext, PassManager
 
 __all__ = ["skeleton", "streamed_groups", "open_checkpoint", "compile_checkpoint", "save", "estimated_bytes", "CheckpointError"]
@@ -96,8 +96,11 @@ def open_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
                     spill_dir: str | os.PathLike | None = None,
                     example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
     """The checkpoint's traced graph with its tensors in a ``ParameterStore`` (``gm.meta[STORE_KEY]``),
-    group by group, except the tied ones, read into memory on ``device``."""
+    group by group, except the tied ones, read into memory on ``device``. Large allocations are
+    memory-mapped from here on (``unmap_large_allocations``): a streamed compile's peak is then
+    its live tensors, not freed blocks held by a fragmented heap."""
     ckpt = Checkpoint(path)
+    unmap_large_allocations()
     model = skeleton(path)
     if example_inputs is None:  # on the weights' device: torch 2.11's export refuses meta with CPU
         example_inputs = (torch.zeros(2, 16, dtype=torch.long, device="meta"),)

@@ -236,3 +236,67 @@ def test_inverse_hessian_factor_equals_the_classic_construction(k):
     assert torch.allclose(upper, classic, rtol=1e-9, atol=1e-12)
     assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
     assert not dead.any()
+
+
+@pytest.mark.parametrize("k", [37, 200])
+def test_banded_factor_and_gather_equal_the_whole_matrix_ones(monkeypatch, k):
+    """The in-place banded triangular inverse and the band-by-band gather of H give the factor the
+    whole-matrix expressions give: ``cholesky_ex`` of the permuted, reversed, dampened H and the
+    triangular solve against the identity (to float rounding; bands smaller than K here)."""
+    import qcompile.gptq_math as gm
+    monkeypatch.setattr(gm, "_INVERSE_COLS", 16)
+    monkeypatch.setattr(gm, "_GATHER_ROWS", 7)
+    w, _, h = _layer(n=4, k=k, tokens=3 * k, seed=k)
+    h = h.float()
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))
+    upper, _, amount = gm._prepare_hessian(h, None, 0.01, perm)
+    a = (h[perm][:, perm] + amount * torch.eye(k)).flip(0, 1)
+    chol = torch.linalg.cholesky(a)
+    expected = torch.linalg.solve_triangular(chol, torch.eye(k), upper=False).flip(0, 1)
+    assert torch.equal(upper, upper.triu())
+    assert torch.allclose(upper, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+class _DiskRows:
+    """A Hessian read a band of rows at a time through ``Offloaded``, as a streamed compile keeps it."""
+
+    def __init__(self, h: torch.Tensor, tmp_path):
+        from qcompile.param_store import Offloaded
+        self.off = Offloaded.write(h, tmp_path / "h.safetensors")
+        self.shape, self.dtype, self.device = self.off.shape, self.off.dtype, self.off.device
+        self.read = []
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        self.read.append(stop - start)
+        return self.off.rows(start, stop)
+
+
+@pytest.mark.parametrize("kwargs", [dict(bits=4), dict(bits=4, group_size=16, act_order=True),
+                                    dict(bits=3, keep_last=5, symmetric=False)])
+def test_hessian_read_from_disk_by_rows_gives_the_same_rounding(monkeypatch, tmp_path, kwargs):
+    """GPTQ with H on disk, read a band of rows at a time (never whole), rounds exactly as with H
+    in memory, and measures the same error."""
+    import qcompile.gptq_math as gm
+    monkeypatch.setattr(gm, "_GATHER_ROWS", 8)
+    monkeypatch.setattr(gm, "_ERROR_BAND", 8)
+    w, _, h = _layer(n=12, k=40, seed=3)
+    w, h = w.float(), h.float()
+    disk = _DiskRows(h, tmp_path)
+    a = gptq_quantize(w, h, **kwargs)
+    b = gptq_quantize(w, disk, **kwargs)
+    assert max(disk.read) <= 8
+    for field in ("q", "scale", "weight", "outlier_weight"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert b.error == pytest.approx(a.error, rel=1e-6)
+    assert layer_error(w, a.weight, disk) == pytest.approx(layer_error(w, a.weight, h), rel=1e-6)
+
+
+def test_offloaded_rows_read_only_the_band(tmp_path):
+    from qcompile.param_store import Offloaded
+    t = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    off = Offloaded.write(t, tmp_path / "t.safetensors")
+    assert off.shape == t.shape and off.dtype == t.dtype
+    assert torch.equal(off.rows(3, 7), t[3:7])
+    assert off.rows(4, 4).shape == (0, 6)
+    with pytest.raises(ValueError, match="out of range"):
+        off.rows(8, 11)

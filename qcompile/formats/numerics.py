@@ -84,8 +84,10 @@ class QuantizedWeight:
     bits: int
     group_size: int  # 0 = one group per row
 
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_weight(self.q, self.scale, self.zero, self.group_size)
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The float weight (float32), or only its ``rows``."""
+        return dequantize_weight(self.q[rows], self.scale[rows], None if self.zero is None else self.zero[rows],
+                                 self.group_size)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -105,14 +107,30 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: Granularity = PerRo
 
     Symmetric: scale = clip * absmax / ``symmetric_qmax(bits, grid)``, levels [-2^(b-1), 2^(b-1) - 1].
     Asymmetric: scale = clip * (max - min) / (2^b - 1), zero = round(-min / scale), levels [0, 2^b-1].
+    Rows are independent: they are rounded a band at a time, so the float temporaries are
+    band-sized, not weight-sized.
     """
     if w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(w.shape)}")
     group = granularity.size if isinstance(granularity, PerGroup) else 0
+    ratio = clip_ratio if isinstance(clip_ratio, torch.Tensor) else torch.tensor(float(clip_ratio))
+    parts = [_quantize_rows(w[r0:r0 + _QUANT_ROWS], bits, group, symmetric,
+                            ratio[r0:r0 + _QUANT_ROWS] if ratio.dim() else ratio, grid)
+             for r0 in range(0, w.shape[0], _QUANT_ROWS)] or [_quantize_rows(w, bits, group, symmetric, ratio, grid)]
+    if len(parts) == 1:
+        return parts[0]
+    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                           None if symmetric else torch.cat([p.zero for p in parts]), bits, group)
+
+
+_QUANT_ROWS = 1024  # rows per band of quantize_weight and of weight SQNRs
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group: int, symmetric: bool, ratio: torch.Tensor,
+                   grid: str) -> QuantizedWeight:
     wf = w.detach().float()
     n, k = wf.shape
     g = _grouped(wf, group)
-    ratio = clip_ratio if isinstance(clip_ratio, torch.Tensor) else torch.tensor(float(clip_ratio))
     ratio = ratio.reshape(-1, 1, 1) if ratio.dim() else ratio
     lo, hi = int_range(bits, symmetric)
     if symmetric:

@@ -89,8 +89,11 @@ class OutlierHybrid(LoweredScheme):
                    "outlier_weight": w[:, idx].to(torch.float16).contiguous()}
         if not torch.equal(idx, torch.arange(k - idx.numel(), k)):
             tensors["outlier_idx"] = idx.contiguous()
-        deq = w.float().clone()
-        deq[:, keep] = q.float() * scale.float()[:, None]
+        def deq(rows: slice) -> torch.Tensor:
+            band = w[rows].float().clone()
+            band[:, keep] = q[rows].float() * scale[rows].float()[:, None]
+            return band
+
         return Lowering(tensors, how, sqnr_db(w, deq),
                         {"fp16 cols": idx.numel(), "gather": "in op" if source.input_perm is not None else "-"})
 

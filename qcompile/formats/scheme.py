@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -103,11 +103,21 @@ class LinearSpec:
         return self.a_bits is None or self.a_bits >= 16
 
 
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """10 log10(|ref|^2 / |ref - approx|^2), inf when equal."""
-    err = (ref - approx).float().pow(2).sum()
-    sig = ref.float().pow(2).sum()
-    return float("inf") if err == 0 else 10.0 * math.log10(float(sig / err))
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor | Callable[[slice], torch.Tensor]) -> float:
+    """10 log10(|ref|^2 / |ref - approx|^2), inf when equal. ``approx`` may be a function giving
+    its rows for a slice of rows (a dequantization), so that no weight-sized float copy exists:
+    the sums run a band of rows at a time, in float64."""
+    rows_of = approx if callable(approx) else (lambda rows: approx[rows])
+    err = sig = 0.0
+    for r0 in range(0, ref.shape[0], _SQNR_ROWS):
+        rows = slice(r0, r0 + _SQNR_ROWS)
+        r = ref[rows].float()
+        err += float((r - rows_of(rows).float()).pow_(2).sum(dtype=torch.float64))
+        sig += float(r.pow(2).sum(dtype=torch.float64))
+    return float("inf") if err == 0 else 10.0 * math.log10(sig / err)
+
+
+_SQNR_ROWS = 1024
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class W8A8(LoweredScheme):
                                  "(run ActivationStats on the same graph)")
             tensors["act_scale"] = (source.act_absmax.max().clamp_min(1e-8) / 127.0).reshape(()).float()
         return Lowering(tensors, "RTN" if clip is None else "RTN + searched clip",
-                        sqnr_db(w, qw.dequantize()))
+                        sqnr_db(w, qw.dequantize))
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> torch.Tensor:
         return tensors["qweight"].float() * tensors["w_scale"].float()[:, None]

@@ -147,16 +147,17 @@ class WeightOnly(LoweredScheme):
     def quantize(self, source: WeightInput) -> Lowering:
         w = source.weight.detach()
         clip = source.clip_ratio
-        qw = quantize_weight(w, self.bits, self.granularity, self.symmetric,
-                             clip_ratio=1.0 if clip is None else clip, grid=self.grid)
-        how = "RTN" if clip is None else "RTN + searched clip"
-        if rounded_usable(source.rounded, w, self.bits, qw.group_size, self.symmetric, outlier_free=True):
+        if rounded_usable(source.rounded, w, self.bits, self.group_size, self.symmetric, outlier_free=True):
             r = source.rounded
-            qw, how = QuantizedWeight(r.q, r.scale, r.zero, self.bits, qw.group_size), "GPTQ"
+            qw, how = QuantizedWeight(r.q, r.scale, r.zero, self.bits, self.group_size), "GPTQ"
+        else:
+            qw = quantize_weight(w, self.bits, self.granularity, self.symmetric,
+                                 clip_ratio=1.0 if clip is None else clip, grid=self.grid)
+            how = "RTN" if clip is None else "RTN + searched clip"
         tensors = {"qweight": pack_weight(qw.q, self.bits), "scale": qw.scale.float().contiguous()}
         if qw.zero is not None:
             tensors["zero"] = qw.zero.float().contiguous()
-        return Lowering(tensors, how, sqnr_db(w, qw.dequantize()))
+        return Lowering(tensors, how, sqnr_db(w, qw.dequantize))
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> torch.Tensor:
         zero = tensors.get("zero")
