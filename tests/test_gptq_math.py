@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -300,3 +302,42 @@ def test_offloaded_rows_read_only_the_band(tmp_path):
     assert off.rows(4, 4).shape == (0, 6)
     with pytest.raises(ValueError, match="out of range"):
         off.rows(8, 11)
+
+
+_PEAK_CHILD = r"""
+import sys, torch
+from qcompile.gptq_math import gptq_quantize
+from qcompile.param_store import Offloaded, unmap_large_allocations
+unmap_large_allocations()  # freed blocks go back to the system: the high-water mark is live memory
+k = int(sys.argv[2])
+h = Offloaded(__import__("pathlib").Path(sys.argv[1]), torch.device("cpu"), ())
+h.shape, h.dtype = torch.Size([k, k]), torch.float32
+w = torch.randn(16, k, generator=torch.Generator().manual_seed(0))
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current size
+except OSError:
+    print("skip"); sys.exit()
+base = status("VmRSS:")
+gptq_quantize(w, h, bits=4, group_size=128)
+print(status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_gptq_with_h_on_disk_holds_one_k_by_k_buffer(tmp_path):
+    """With H on disk, GPTQ's resident peak is one K x K buffer plus bands (about 1.5 K x K
+    float32 here), not the three (H, the factor's two buffers) it once held."""
+    from qcompile.param_store import Offloaded
+    k = 4096
+    x = torch.randn(2 * k, k, generator=torch.Generator().manual_seed(1))
+    Offloaded.write(x.T @ x / x.shape[0], tmp_path / "h.safetensors")
+    del x
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / "h.safetensors"), str(k)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "skip":
+        pytest.skip("the kernel cannot reset the high-water mark")
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert grew < 2 * k * k * 4, f"GPTQ's peak grew by {grew / 2**20:.0f} MiB, K x K is {k * k * 4 / 2**20:.0f} MiB"
