@@ -136,6 +136,7 @@ def _quik_act_order_gptq() -> type:
 
     import torch
 
+    from qcompile.gptq_math import hessian_diagonal
     from qcompile.passes import GPTQ
 
     mod = sys.modules[GPTQ.__module__]
@@ -148,8 +149,8 @@ def _quik_act_order_gptq() -> type:
                 if perm is not None and keep_last:
                     kq = perm.numel() - keep_last
                     rest = perm[:kq]
-                    hm = hh() if callable(hh) else hh  # a streamed Hessian is passed as its loader
-                    diag = torch.diag(hm)[rest.to(hm.device)].cpu()
+                    diag = hessian_diagonal(hh, torch.float32)  # a streamed Hessian stays on disk
+                    diag = diag[rest.to(diag.device)].cpu()
                     rest = rest[torch.argsort(diag, descending=True, stable=True).to(rest.device)]
                     perm = torch.cat([rest, perm[kq:]])
                 return plain(w, hh, *a, keep_last=keep_last, perm=perm, **kw)

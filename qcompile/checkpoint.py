@@ -24,7 +24,8 @@ SINGLE = "model.safetensors"
 # safetensors dtype names (the format's header) -> torch dtypes
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
+           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
 
 
 class CheckpointError(ValueError):
@@ -182,6 +183,9 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     offset = 0
     for name in sorted(tensors):
         t = tensors[name]
+        if t.dtype not in names:
+            raise TypeError(f"tensor {name}: safetensors has no dtype for {t.dtype}; convert it to one of "
+                            f"{', '.join(str(d) for d in _DTYPES.values())}")
         size = t.numel() * t.element_size()
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size

@@ -28,8 +28,8 @@ import torch
 
 from qcompile.formats import check_grid, int_range, symmetric_qmax
 
-__all__ = ["GPTQResult", "HessianAccumulator", "HessianRows", "hessian_rows", "gptq_quantize", "rtn_quantize",
-           "layer_error", "difference_error", "difference_errors", "find_scale", "CLIP_NORM"]
+__all__ = ["GPTQResult", "HessianAccumulator", "HessianRows", "hessian_rows", "hessian_diagonal", "gptq_quantize",
+           "rtn_quantize", "layer_error", "difference_error", "difference_errors", "find_scale", "CLIP_NORM"]
 
 CLIP_NORM = 2.4          # QUIK's exponent of the clipping-search error
 _CLIP_GRID = 100         # shrink factors 1 - i/100 ...
@@ -63,10 +63,17 @@ class _InMemoryRows:
 
 def hessian_rows(h: "torch.Tensor | HessianRows") -> HessianRows:
     """``h`` itself when it reads its rows, else an in-memory tensor wrapped to do so."""
-    return _InMemoryRows(h) if isinstance(h, torch.Tensor) else h
+    if isinstance(h, torch.Tensor):
+        return _InMemoryRows(h)
+    if not all(hasattr(h, a) for a in ("shape", "dtype", "device", "rows")):
+        raise TypeError(f"H must be a tensor or a HessianRows (shape, dtype, device, rows(start, stop)), "
+                        f"got {type(h).__name__}; an offloaded H is a qcompile.param_store.Offloaded")
+    return h
 
 
-def _diagonal(src: HessianRows, dtype: torch.dtype) -> torch.Tensor:
+def hessian_diagonal(h: "torch.Tensor | HessianRows", dtype: torch.dtype) -> torch.Tensor:
+    """diag(H) in ``dtype``, H read a band of rows at a time."""
+    src = hessian_rows(h)
     k = src.shape[0]
     return torch.cat([src.rows(r0, min(r0 + _ERROR_BAND, k))[:, r0:r0 + _ERROR_BAND].diagonal().to(dtype)
                       for r0 in range(0, k, _ERROR_BAND)]) if k else torch.zeros(0, dtype=dtype, device=src.device)
@@ -257,8 +264,9 @@ def _prepare_hessian(h: "torch.Tensor | HessianRows", w: torch.Tensor | None, da
     gathered into it and factored in place (``out=``); M^-1 is then written over M a band of
     columns at a time (``_invert_lower_``), and the buffer is reversed in place into U. The
     values are those of ``cholesky_ex((h[perm][:, perm] + amount * eye).flip(0, 1))`` and, to
-    float rounding (bit for bit with the CPU's LAPACK at 1024-column bands, as tested),
-    ``solve_triangular(chol, eye).flip(0, 1)``, in the same (column-major) layout."""
+    float rounding, ``solve_triangular(chol, eye).flip(0, 1)``, in the same (column-major) layout
+    (bit for bit with torch's CPU LAPACK in every case checked when this was written, K from 1 to
+    11008, but a BLAS may order a band's sums differently from the whole solve's)."""
     src = hessian_rows(h)
     k, device = src.shape[0], src.device
     dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
@@ -432,8 +440,9 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: "torch.Tensor | H
     of searched.
 
     Memory: ``w`` may be a list of row blocks (the linears sharing ``h``: rounded as their
-    concatenation, without a concatenated copy), and ``h`` a ``HessianRows`` kept on disk (read a
-    band of rows at a time when the factor is computed and, for ``compute_error``, at the end).
+    concatenation, without a concatenated copy), and ``h`` a ``HessianRows`` kept on disk: read a
+    band of rows at a time, once for its diagonal, once per dampening tried for the factor and,
+    for ``compute_error``, once at the end.
     Besides its inputs GPTQ holds one K x K buffer (the factor), the weight in processing order
     (which becomes the reconstruction), the int8 integers and band-sized temporaries.
     """
@@ -451,7 +460,7 @@ def gptq_quantize(w: torch.Tensor | Sequence[torch.Tensor], h: "torch.Tensor | H
     check_grid(grid)
     dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
     device = src.device
-    diag_h = _diagonal(src, dtype)
+    diag_h = hessian_diagonal(src, dtype)
     kq = k - keep_last
     if perm is None:
         perm = torch.arange(k, device=device)

@@ -40,7 +40,7 @@ import torch.fx as fx
 from safetensors.torch import load_file
 from torch import nn
 
-from qcompile.checkpoint import read_rows, write_safetensors
+from qcompile.checkpoint import read_rows, tensor_info, write_safetensors
 
 __all__ = ["ParameterStore", "store_of", "materialize", "offload", "Offloaded", "STORE_KEY", "release_free_memory",
            "unmap_large_allocations"]
@@ -211,17 +211,13 @@ class Offloaded:
         self.path = path
         self.skeleton = skeleton
         self.fields = fields
-        self.shape: torch.Size | None = None
-        self.dtype: torch.dtype | None = None
 
     @classmethod
     def write(cls, value: Any, path: Path) -> "Offloaded":
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(value, torch.Tensor):
             _write({"": value}, path)
-            out = cls(path, value.device, ())
-            out.shape, out.dtype = value.shape, value.dtype
-            return out
+            return cls(path, value.device, ())
         if not dataclasses.is_dataclass(value):
             raise TypeError(f"cannot offload a {type(value).__name__}: give a tensor or a dataclass")
         tensors = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
@@ -232,6 +228,23 @@ class Offloaded:
         _write(tensors, path)
         devices = {k: t.device for k, t in tensors.items()}
         return cls(path, (skeleton, devices), tuple(tensors))
+
+    @property
+    def shape(self) -> torch.Size:
+        """An offloaded tensor's shape (from the file's header)."""
+        return torch.Size(self._info()[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """An offloaded tensor's dtype (from the file's header)."""
+        return self._info()[0]
+
+    def _info(self) -> tuple[torch.dtype, list[int]]:
+        if self.fields:
+            raise TypeError("an offloaded dataclass has no single shape or dtype; load() it")
+        if getattr(self, "_header", None) is None:
+            self._header = tensor_info(self.path, "")
+        return self._header
 
     @property
     def device(self) -> torch.device:

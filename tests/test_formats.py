@@ -274,3 +274,18 @@ def test_rounded_usable_compares_band_by_band_as_one_whole_weight_test(monkeypat
         assert verdicts[-1] is whole(changed)
     # 1e-5 in the first band is within the tolerance row 25 sets (not within the first band's own)
     assert verdicts == [True, False, False, False]
+
+
+def test_quantize_weight_in_row_bands_equals_one_pass_and_broadcasts_one_ratio():
+    """Rows are rounded a band at a time (1024 rows): a ratio per row is sliced with its rows, a
+    single ratio applies to every band, and the result is the one-band result."""
+    from qcompile.formats import numerics
+    w = torch.randn(1100, 64, generator=torch.Generator().manual_seed(0))
+    ratio = torch.rand(1100, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5
+    banded = quantize_weight(w, 4, PerGroup(16), True, clip_ratio=ratio)
+    parts = [numerics._quantize_rows(w[r:r + 550], 4, 16, True, ratio[r:r + 550], "restricted") for r in (0, 550)]
+    assert torch.equal(banded.q, torch.cat([p.q for p in parts]))
+    assert torch.equal(banded.scale, torch.cat([p.scale for p in parts]))
+    one = quantize_weight(w, 4, PerRow(), False, clip_ratio=torch.tensor([0.9]))
+    same = quantize_weight(w, 4, PerRow(), False, clip_ratio=0.9)
+    assert torch.equal(one.q, same.q) and torch.equal(one.scale, same.scale) and torch.equal(one.zero, same.zero)

@@ -114,8 +114,9 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: Granularity = PerRo
         raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(w.shape)}")
     group = granularity.size if isinstance(granularity, PerGroup) else 0
     ratio = clip_ratio if isinstance(clip_ratio, torch.Tensor) else torch.tensor(float(clip_ratio))
+    per_row = ratio.dim() > 0 and ratio.shape[0] == w.shape[0] and w.shape[0] > 1
     parts = [_quantize_rows(w[r0:r0 + _QUANT_ROWS], bits, group, symmetric,
-                            ratio[r0:r0 + _QUANT_ROWS] if ratio.dim() else ratio, grid)
+                            ratio[r0:r0 + _QUANT_ROWS] if per_row else ratio, grid)
              for r0 in range(0, w.shape[0], _QUANT_ROWS)] or [_quantize_rows(w, bits, group, symmetric, ratio, grid)]
     if len(parts) == 1:
         return parts[0]
