@@ -25,6 +25,8 @@ from qcompile.formats import PerRow, PerTensor, PerToken, granularity_from, quan
 
 __all__ = ["SearchTarget", "DEFAULT_STRENGTHS", "choose_strength"]
 
+_SEARCH_ROWS = 1024  # weight rows per band: the scaled and rounded copies are band-sized
+
 DEFAULT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
 
 
@@ -101,8 +103,9 @@ def choose_strength(x: torch.Tensor, weights: list[torch.Tensor], s_cols: torch.
         xq = target.activation(x / s, None if absmax is None else (absmax / s).amax())
         err = 0.0
         for w, ref in zip(weights, refs):
-            wq = target.weight(w.float() * s[None, :])
-            err += float((xq @ wq.T - ref).pow(2).sum())
+            for r0 in range(0, w.shape[0], _SEARCH_ROWS):  # rows are rounded independently: band by band
+                wq = target.weight(w[r0:r0 + _SEARCH_ROWS].float() * s[None, :])
+                err += float((xq @ wq.T - ref[:, r0:r0 + _SEARCH_ROWS]).pow_(2).sum(dtype=torch.float64))
         errors[t] = err / ref_norm
     best = min(strengths, key=lambda t: (errors[t], abs(t - 1.0)))
     return best, errors

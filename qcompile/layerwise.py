@@ -141,15 +141,20 @@ class LayerwiseRunner:
               stop: fx.Node | None) -> None:
         interp = self._interp
         interp.env = env
-        for node in nodes:
-            for inp in node.all_input_nodes:
-                if inp.op == "get_attr":
-                    env[inp] = interp.fetch_attr(inp.target)  # fresh: weights may have changed
-            env[node] = interp.run_node(node)
-            if observe and node in observe:
-                observe[node](env[node])
-            if node is stop:
-                return
+        try:
+            for node in nodes:
+                for inp in node.all_input_nodes:
+                    if inp.op == "get_attr":
+                        env[inp] = interp.fetch_attr(inp.target)  # fresh: weights may have changed
+                env[node] = interp.run_node(node)
+                if observe and node in observe:
+                    observe[node](env[node])
+                if node is stop:
+                    return
+        finally:
+            # the interpreter must not keep the last batch's values: they hold the weights it read,
+            # which a caller may replace next (a streamed layer would then hold both copies)
+            interp.env = {}
 
     @torch.no_grad()
     def run(self, group: LayerGroup, observe: Mapping[fx.Node, Callable[[torch.Tensor], None]],
