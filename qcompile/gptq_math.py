@@ -154,17 +154,16 @@ def difference_error(d: torch.Tensor, h: "torch.Tensor | HessianRows") -> float:
 
 
 def difference_errors(ds: Sequence[torch.Tensor], h: "torch.Tensor | HessianRows") -> list[float]:
-    """``difference_error`` of each of ``ds`` [N_i, K], reading H once, a band of its rows at a
+    """``difference_error`` of each of ``ds`` [N_i, K] (on one device), reading H once, a band of its rows at a
     time: sum_b sum((d[:, b] @ H[b, :]) * d), the band sums in float64."""
     src = hessian_rows(h)
     k = src.shape[0]
     totals = [0.0] * len(ds)
     for r0 in range(0, k, _ERROR_BAND):
-        band = src.rows(r0, min(r0 + _ERROR_BAND, k))
+        hb = src.rows(r0, min(r0 + _ERROR_BAND, k)).to(ds[0].device).float() if ds else None
         for i, d in enumerate(ds):
-            hb = band.to(d.device).float()
             totals[i] += float((d[:, r0:r0 + hb.shape[0]] @ hb).mul_(d).sum(dtype=torch.float64))
-        del band
+        del hb
     return totals
 
 
