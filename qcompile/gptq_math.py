@@ -154,8 +154,8 @@ def difference_error(d: torch.Tensor, h: "torch.Tensor | HessianRows") -> float:
 
 
 def difference_errors(ds: Sequence[torch.Tensor], h: "torch.Tensor | HessianRows") -> list[float]:
-    """``difference_error`` of each of ``ds`` [N_i, K] (on one device), reading H once, a band of its rows at a
-    time: sum_b sum((d[:, b] @ H[b, :]) * d), the band sums in float64."""
+    """``difference_error`` of each of ``ds`` [N_i, K] (on one device), reading H once, a band of
+    its rows at a time: sum_b sum((d[:, b] @ H[b, :]) * d), the band sums in float64."""
     src = hessian_rows(h)
     k = src.shape[0]
     totals = [0.0] * len(ds)
