@@ -33,7 +33,7 @@ from qcompile.formats import PerGroup, PerRow, RoundedWeights, check_grid, defau
 from qcompile.gptq_math import HessianAccumulator, difference_errors, gptq_quantize, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
 from qcompile.layerwise import LayerwiseRunner
-from qcompile.param_store import Offloaded, offload, release_free_memory
+from qcompile.param_store import Offloaded, offload, release_free_memory, store_of
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
 from qcompile.targets import first_match, selected
 
@@ -158,6 +158,7 @@ class GPTQ(Pass):
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
         runner = LayerwiseRunner(gm, shard(ctx.calibration))  # this process's windows
         dtype = torch.float64 if self.hessian_dtype == "float64" else torch.float32
+        streamed = store_of(gm) is not None
         rows = []
         done: set[str] = set()
         for layer in runner.layers():
@@ -184,7 +185,8 @@ class GPTQ(Pass):
                 if isinstance(h, Offloaded):
                     h.discard()
                 done.update(s.module for s in groups[x])
-                release_free_memory()  # the group's band-sized temporaries back to the system
+                if streamed:  # the group's band-sized temporaries back to the system (a heap walk)
+                    release_free_memory()
 
             for x in groups:  # inputs computed by an earlier group: cached, final already
                 if x not in members:
