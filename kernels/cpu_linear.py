@@ -10,9 +10,11 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
   repeats the reference's, so the result equals ``w8a8_linear_reference`` bit for bit.
 - ``w4a4_outlier_linear_cpu`` (QUIK): the reference's column split, native asymmetric per-token
   quantization of the Kq columns, the same integer GEMMs over the int4 weight unpacked once to
-  int8 (int4 values are int8 values), the reference's float32 outlier GEMM, and the native epilogue
-  in the reference's order: equal to ``w4a4_outlier_linear_reference`` bit for bit (the outlier
-  GEMM is the same BLAS call on the same operands).
+  int8 (int4 values are int8 values), and the native epilogue in the reference's order, which
+  also computes the outlier columns' float32 product (fused multiply-adds over the k_out columns
+  in order, reading the activation in place: no [M, N] float32 temporary, no separate GEMM call).
+  Without outlier columns it equals ``w4a4_outlier_linear_reference`` bit for bit; with them, to
+  float32 rounding of that k_out-term dot product (the reference's BLAS sums in its own order).
 - ``weight_only_linear_cpu``: for M <= ``INT4PACK_MAX_M`` packed 4/3-bit weights run
   ``torch._weight_int4pack_mm_for_cpu``, for M <= ``INT8PACK_MAX_M`` symmetric per-row int8 weights
   ``torch._weight_int8pack_mm`` (equal to the reference to float rounding: the kernels fold the
@@ -271,7 +273,7 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
                                              perm, bias, a_bits)
     prep = _layout(qweight, "quik", (qweight, w_scale, row_sum, outlier_weight, bias), lambda: _Prepared(
         quik_int8_weight(qweight, kq), w_scale, bias,
-        {"rs": row_sum.float().contiguous(), "ow": outlier_weight.float().contiguous()}, owner=qweight))
+        {"rs": row_sum.float().contiguous(), "owt": outlier_weight.float().T.contiguous()}, owner=qweight))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -281,15 +283,18 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
     xq, xo = split_outlier_columns(x2, k_out, outlier_idx, perm)  # the reference's own split
     if xq.stride(-1) != 1:
         xq = xq.contiguous()
-    outl = xo.float() @ prep.extra["ow"].T if k_out else None  # the reference's float32 outlier GEMM, same call
+    if k_out and xo.stride(-1) != 1:
+        xo = xo.contiguous()
+    # the outlier columns' float product is computed inside the native epilogue (float32 FMAs)
+    xo_args = (xo.data_ptr(), xo.stride(0), prep.extra["owt"].data_ptr(), k_out) if k_out else (None, 0, None, 0)
     nt = torch.get_num_threads()
     code = _FLOAT_CODES[x.dtype]
     rs = prep.extra["rs"]
     backend = int_backend(m, kq, n)
     if backend == "gemv":
         nat.qc_quik_small(xq.data_ptr(), code, m, kq, xq.stride(0), prep.w8.data_ptr(), prep.w8.stride(0),
-                          prep.colsum.data_ptr(), prep.sw.data_ptr(), rs.data_ptr(), a_bits, _ptr(outl),
-                          outl.stride(0) if outl is not None else 0, _ptr(prep.bias), out.data_ptr(), n, nt)
+                          prep.colsum.data_ptr(), prep.sw.data_ptr(), rs.data_ptr(), a_bits, *xo_args,
+                          _ptr(prep.bias), out.data_ptr(), n, nt)
         return out.reshape(*lead, n)
     u8 = backend == "onednn"
     qx = _scratch("qx", (m, kq), torch.uint8 if u8 else torch.int8)
@@ -299,8 +304,8 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
                       a_bits, 128 if u8 else 0, nt)
     acc = _int_gemm(qx, prep, backend)
     nat.qc_epilogue_quik(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), st.data_ptr(), mt.data_ptr(),
-                         prep.sw.data_ptr(), rs.data_ptr(), 2.0 ** (a_bits - 1), _ptr(outl),
-                         outl.stride(0) if outl is not None else 0, _ptr(prep.bias), out.data_ptr(), code, n, m, n, nt)
+                         prep.sw.data_ptr(), rs.data_ptr(), 2.0 ** (a_bits - 1), *xo_args, _ptr(prep.bias),
+                         out.data_ptr(), code, n, m, n, nt)
     return out.reshape(*lead, n)
 
 

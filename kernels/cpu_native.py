@@ -1,9 +1,11 @@
 """The CPU helper kernels in C (``cpu_native_src.SOURCE``): build once per machine, call by ctypes.
 
-What they do (each equal, bit for bit, to the pure-torch reference operations it replaces):
-activation quantization (symmetric int8 per token or per tensor; asymmetric per token for QUIK),
-the W8A8 and QUIK epilogues, weight dequantization for the weight-only prefill path, and a small-M
-int8 GEMM (AVX-512 VNNI ``vpdpbusd``) that reads the stored int8 weights as they are.
+What they do (each equal, bit for bit, to the pure-torch reference operations it replaces, except
+the QUIK outlier columns' float dot product, equal to float32 rounding): activation quantization
+(symmetric int8 per token or per tensor; asymmetric per token for QUIK), the W8A8 and QUIK
+epilogues (QUIK's with its outlier columns' product), weight dequantization for the weight-only
+prefill path, and a small-M int8 GEMM (AVX-512 VNNI ``vpdpbusd``) that reads the stored int8
+weights as they are.
 
 Build: on the first use, with the machine's C compiler (``$CC``, else ``cc``/``gcc``),
 ``-O3 -march=native -fopenmp -ffp-contract=off``, into ``$QCOMPILE_CACHE/cpu_kernels/`` (default
@@ -77,10 +79,10 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_quant_asym": [P, I, I64, I64, I64, P, I64, P, P, I, I, I],
         "qc_gemv_u8s8": [P, I64, P, I64, P, P, I64, I64, I64, I64, I],
         "qc_epilogue_w8a8": [P, I, I64, P, P, P, P, I, I64, I64, I64, I],
-        "qc_epilogue_quik": [P, I, I64, P, P, P, P, F, P, I64, P, P, I, I64, I64, I64, I],
+        "qc_epilogue_quik": [P, I, I64, P, P, P, P, F, P, I64, P, I64, P, P, I, I64, I64, I64, I],
         "qc_dequant": [P, I, I64, I64, I64, P, P, I64, I64, P, I64, I, I],
         "qc_w8a8_small": [P, I, I64, I64, I64, P, I64, P, P, P, F, P, I64, I],
-        "qc_quik_small": [P, I, I64, I64, I64, P, I64, P, P, P, I, P, I64, P, P, I64, I],
+        "qc_quik_small": [P, I, I64, I64, I64, P, I64, P, P, P, I, P, I64, P, I64, P, P, I64, I],
         "qc_gptq_columns": [P, I64, I64, P, I64, I64, I64, I64, P, P, P, I64, F, F, P, I64, I64, P, I64, I],
     }
     for name, args in sigs.items():

@@ -3,7 +3,9 @@
 Kept as a Python string so it ships inside the package like any module. Every function repeats
 the float arithmetic of a pure-torch reference operation by operation (IEEE division, round half
 to even, no FMA contraction: built with ``-ffp-contract=off`` and without ``-ffast-math``), so
-its results equal the reference's bit for bit. AVX-512 paths are compiled when the compiler
+its results equal the reference's bit for bit. One exception, by design: the QUIK epilogue's
+outlier-column dot product (explicit fused multiply-adds, in column order; the reference's BLAS
+GEMM sums in an order of its own, so the two agree to float32 rounding). AVX-512 paths are compiled when the compiler
 targets AVX-512 (``-march=native``); plain C loops otherwise.
 
 dtype codes: 0 float32, 1 bfloat16, 2 float16.
@@ -294,42 +296,104 @@ void qc_epilogue_w8a8(const void* acc, int acc_is_float, int64_t lda, const floa
     }
 }
 
-/* QUIK: y = ((st[m] * sw[n]) * acc + (mt[m] + half * st[m]) * rs[n]) (+ outl[m, n]) (+ bias[n]),
- * stored in dt (w4a4_outlier_linear_reference's order). outl: float32 [M, N] (ldl) or NULL;
- * acc int32, or float32 holding the exact integers rounded to float32 (acc_is_float). */
+#define QMR 4
+/* QUIK: y = ((st[m] * sw[n]) * acc + (mt[m] + half * st[m]) * rs[n]) (+ o[m, n]) (+ bias[n]),
+ * stored in dt (w4a4_outlier_linear_reference's order of the terms), where the outlier columns'
+ * float product o[m, n] = sum_j xo[m, j] * owt[j, n] is computed here, in float32 fused
+ * multiply-adds over j = 0 .. kout-1 in order (the reference's BLAS call sums in its own order: the
+ * two agree to float32 rounding of a kout-term dot product). xo: [M, kout] in dt (row stride ldxo
+ * elements) or NULL (kout = 0); owt: float32 [kout, N] (the outlier weight transposed, prepared
+ * once). acc int32, or float32 holding the exact integers rounded to float32 (acc_is_float).
+ * Rows go in blocks of QMR, columns in pairs of 16-lane vectors: each loaded owt vector serves QMR
+ * rows, each broadcast x value two vectors. */
+#ifdef QC_AVX512
+/* o[i][v] = sum_j xs[j * QMR + i] * owt[j, n + 16 v] for MR rows (a compile-time constant after
+   inlining) and two 16-lane column vectors, fused multiply-adds over j in order */
+static inline __attribute__((always_inline)) void quik_outlier_tile(
+        const int MR, const float* xs, const float* owt, int64_t kout, int64_t N, int64_t n,
+        const __mmask16* km, __m512 o[][2]) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+    const float* w = owt + n;
+    for (int64_t j = 0; j < kout; ++j, w += N) {
+        const __m512 w0 = _mm512_maskz_loadu_ps(km[0], w), w1 = _mm512_maskz_loadu_ps(km[1], w + 16);
+        const float* x = xs + j * QMR;
+        __m512 xv = _mm512_set1_ps(x[0]);
+        a0 = _mm512_fmadd_ps(xv, w0, a0); a1 = _mm512_fmadd_ps(xv, w1, a1);
+        if (MR > 1) { xv = _mm512_set1_ps(x[1]); b0 = _mm512_fmadd_ps(xv, w0, b0); b1 = _mm512_fmadd_ps(xv, w1, b1); }
+        if (MR > 2) { xv = _mm512_set1_ps(x[2]); c0 = _mm512_fmadd_ps(xv, w0, c0); c1 = _mm512_fmadd_ps(xv, w1, c1); }
+        if (MR > 3) { xv = _mm512_set1_ps(x[3]); d0 = _mm512_fmadd_ps(xv, w0, d0); d1 = _mm512_fmadd_ps(xv, w1, d1); }
+    }
+    o[0][0] = a0; o[0][1] = a1; o[1][0] = b0; o[1][1] = b1;
+    o[2][0] = c0; o[2][1] = c1; o[3][0] = d0; o[3][1] = d1;
+}
+#endif
 void qc_epilogue_quik(const void* acc, int acc_is_float, int64_t lda, const float* st, const float* mt, const float* sw,
-                      const float* rs, float half, const float* outl, int64_t ldl, const float* bias,
-                      void* out, int dt, int64_t ldo, int64_t M, int64_t N, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * N > 32768)
-    for (int64_t m = 0; m < M; ++m) {
-        const float s = st[m];
-        const float c = mt[m] + half * s;
-        const int32_t* ar = (const int32_t*)acc + m * lda;
-        const float* af = (const float*)acc + m * lda;
-        const float* lr = outl ? outl + m * ldl : 0;
-        char* orow = (char*)out + m * ldo * (dt == F32 ? 4 : 2);
+                      const float* rs, float half, const void* xo, int64_t ldxo, const float* owt, int64_t kout,
+                      const float* bias, void* out, int dt, int64_t ldo, int64_t M, int64_t N, int nthreads) {
+    if (!xo) kout = 0;
+    const int64_t nblk = (M + QMR - 1) / QMR;
+    const int esz = dt == F32 ? 4 : 2;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * N * (kout + 4) > 131072)
+    for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t m0 = b * QMR;
+        const int mr = (int)(M - m0 < QMR ? M - m0 : QMR);
+        float* xs = kout ? (float*)malloc((size_t)(QMR * kout) * sizeof(float)) : 0;
+        for (int i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < kout; ++j) xs[j * QMR + i] = load1((const char*)xo + (m0 + i) * ldxo * esz, dt, j);
         int64_t n = 0;
 #ifdef QC_AVX512
-        __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(c);
-        for (; n < N; n += 16) {
-            int cnt = N - n < 16 ? (int)(N - n) : 16;
-            __mmask16 km = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1u);
-            __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km, af + n)
-                                    : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km, ar + n));
-            __m512 t1 = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(km, sw + n)), a);
-            __m512 t2 = _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(km, rs + n));
-            __m512 y = _mm512_add_ps(t1, t2);
-            if (lr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, lr + n));
-            if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, bias + n));
-            store16(orow, dt, n, y, cnt);
+        for (; n < N; n += 32) {
+            __m512 o[QMR][2];
+            __mmask16 km[2];
+            int cnt[2];
+            for (int v = 0; v < 2; ++v) {
+                int64_t left = N - n - 16 * v;
+                cnt[v] = left <= 0 ? 0 : (left < 16 ? (int)left : 16);
+                km[v] = cnt[v] >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt[v]) - 1u);
+                for (int i = 0; i < QMR; ++i) o[i][v] = _mm512_setzero_ps();
+            }
+            if (mr == QMR) quik_outlier_tile(QMR, xs, owt, kout, N, n, km, o);
+            else if (mr == 3) quik_outlier_tile(3, xs, owt, kout, N, n, km, o);
+            else if (mr == 2) quik_outlier_tile(2, xs, owt, kout, N, n, km, o);
+            else quik_outlier_tile(1, xs, owt, kout, N, n, km, o);
+            for (int i = 0; i < mr; ++i) {
+                const int64_t m = m0 + i;
+                const float s = st[m];
+                const __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(mt[m] + half * s);
+                const int32_t* ar = (const int32_t*)acc + m * lda;
+                const float* af = (const float*)acc + m * lda;
+                char* orow = (char*)out + m * ldo * esz;
+                for (int v = 0; v < 2; ++v) {
+                    if (!cnt[v]) break;
+                    const int64_t c = n + 16 * v;
+                    __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km[v], af + c)
+                                            : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km[v], ar + c));
+                    __m512 t1 = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(km[v], sw + c)), a);
+                    __m512 t2 = _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(km[v], rs + c));
+                    __m512 y = _mm512_add_ps(t1, t2);
+                    if (kout) y = _mm512_add_ps(y, o[i][v]);
+                    if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km[v], bias + c));
+                    store16(orow, dt, c, y, cnt[v]);
+                }
+            }
         }
 #endif
-        for (; n < N; ++n) {
-            float y = (s * sw[n]) * (acc_is_float ? af[n] : (float)ar[n]) + c * rs[n];
-            if (lr) y = y + lr[n];
-            if (bias) y = y + bias[n];
-            store1(orow, dt, n, y);
-        }
+        for (; n < N; ++n)
+            for (int i = 0; i < mr; ++i) {
+                const int64_t m = m0 + i;
+                const float s = st[m], c = mt[m] + half * s;
+                const int32_t* ar = (const int32_t*)acc + m * lda;
+                const float* af = (const float*)acc + m * lda;
+                float y = (s * sw[n]) * (acc_is_float ? af[n] : (float)ar[n]) + c * rs[n];
+                if (kout) {
+                    float o = 0.0f;
+                    for (int64_t j = 0; j < kout; ++j) o = fmaf(xs[j * QMR + i], owt[j * N + n], o);
+                    y = y + o;
+                }
+                if (bias) y = y + bias[n];
+                store1((char*)out + m * ldo * esz, dt, n, y);
+            }
+        free(xs);
     }
 }
 
@@ -410,15 +474,15 @@ void qc_w8a8_small(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, con
 }
 
 void qc_quik_small(const void* xq, int dt, int64_t M, int64_t Kq, int64_t ldx, const int8_t* B, int64_t ldb,
-                   const int32_t* colsum, const float* sw, const float* rs, int bits, const float* outl, int64_t ldl,
-                   const float* bias, void* out, int64_t N, int nthreads) {
+                   const int32_t* colsum, const float* sw, const float* rs, int bits, const void* xo, int64_t ldxo,
+                   const float* owt, int64_t kout, const float* bias, void* out, int64_t N, int nthreads) {
     uint8_t* qa = (uint8_t*)malloc((size_t)(M * Kq));
     float* st = (float*)malloc((size_t)M * sizeof(float));
     float* mt = (float*)malloc((size_t)M * sizeof(float));
     int32_t* acc = (int32_t*)malloc((size_t)(M * N) * sizeof(int32_t));
     qc_quant_asym(xq, dt, M, Kq, ldx, qa, Kq, st, mt, bits, 128, 1);
     qc_gemv_u8s8(qa, Kq, B, ldb, colsum, acc, N, M, N, Kq, nthreads);
-    qc_epilogue_quik(acc, 0, N, st, mt, sw, rs, (float)(1 << (bits - 1)), outl, ldl, bias, out, dt, N, M, N, 1);
+    qc_epilogue_quik(acc, 0, N, st, mt, sw, rs, (float)(1 << (bits - 1)), xo, ldxo, owt, kout, bias, out, dt, N, M, N, 1);
     free(qa); free(st); free(mt); free(acc);
 }
 

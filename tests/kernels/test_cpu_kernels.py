@@ -12,7 +12,7 @@ import qcompile  # noqa: F401  (registers the ops)
 from qcompile.formats import PerGroup, PerRow, pack_int4, pack_weight, quantize_weight, row_sum
 from qcompile.kernels import cpu_linear as cl
 from qcompile.kernels import cpu_native, ops
-from qcompile.kernels.w4a4_outlier_gemm import w4a4_outlier_linear_reference
+from qcompile.kernels.w4a4_outlier_gemm import split_outlier_columns, w4a4_outlier_linear_reference
 from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
@@ -66,12 +66,30 @@ def test_w8a8_int32_accumulators_at_the_extremes(backend):
     assert got[0, 0].item() == -127 * k  # acc = -127 * 127 * 4096, scaled back by s_x = 1/127
 
 
+def _assert_quik_matches(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, ow: torch.Tensor,
+                         oidx, perm) -> None:
+    """Without outlier columns: bit for bit. With them: within the float32 rounding bound of the
+    outlier dot product summed in two orders (ours: FMAs in column order; the reference's BLAS),
+    |d| <= 2 k_out u sum_j |x_j w_j| (u = 2^-24), plus one rounding of the output dtype at |y|."""
+    k_out = ow.shape[1]
+    if k_out == 0:
+        assert torch.equal(got, ref)
+        return
+    _, xo = split_outlier_columns(x.reshape(-1, x.shape[-1]), k_out, oidx, perm)
+    dot_bound = 2 * k_out * 2.0 ** -24 * (xo.double().abs() @ ow.double().abs().T)
+    ulp = 2.0 ** -8 if got.dtype == torch.bfloat16 else 2.0 ** -23
+    tol = dot_bound.reshape(ref.shape) + 2 * ulp * ref.double().abs()
+    diff = (got.double() - ref.double()).abs()
+    assert bool((diff <= tol).all()), f"max excess {(diff - tol).max().item():.3g}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("a_bits", [4, 8])
 @pytest.mark.parametrize("layout", ["last", "perm", "outlier_idx", "no_outliers"])
 @pytest.mark.parametrize("m", [1, 5, 19])
-def test_quik_equals_the_reference_bit_for_bit(backend, dtype, a_bits, layout, m):
+def test_quik_equals_the_reference(backend, dtype, a_bits, layout, m):
+    """The integer path bit for bit; the outlier columns' float product to float32 rounding."""
     g = _gen(m + a_bits)
     k, n = 103, 40
     k_out = 0 if layout == "no_outliers" else 7
@@ -86,7 +104,25 @@ def test_quik_equals_the_reference_bit_for_bit(backend, dtype, a_bits, layout, m
     bias = torch.randn(n, generator=g)
     x = torch.randn(2, m, k, generator=g).to(dtype)
     args = (x, stored, sw, row_sum(q, sw), ow, oidx, perm, bias, a_bits)
-    assert torch.equal(cl.w4a4_outlier_linear_cpu(*args), w4a4_outlier_linear_reference(*args))
+    _assert_quik_matches(cl.w4a4_outlier_linear_cpu(*args), w4a4_outlier_linear_reference(*args), x, ow, oidx, perm)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("m,n,k_out", [(1, 1, 1), (3, 17, 33), (4, 32, 32), (9, 47, 64), (130, 161, 5)])
+def test_quik_outlier_columns_on_odd_shapes(backend, m, n, k_out):
+    """Row blocks of 4 and column pairs of 16 lanes with every kind of tail; large outlier values
+    (the product's rounding is what differs from the reference, not the integer part)."""
+    g = _gen(m * n + k_out)
+    k = 64 + k_out
+    q = torch.randint(-8, 8, (n, k - k_out), dtype=torch.int8, generator=g)
+    sw = torch.rand(n, generator=g) * 0.1 + 0.01
+    ow = (torch.randn(n, k_out, generator=g) * 30).half()
+    x = torch.randn(m, k, generator=g) * torch.cat([torch.ones(k - k_out), torch.full((k_out,), 50.0)])
+    args = (x, pack_int4(q), sw, row_sum(q, sw), ow, None, None, None, 4)
+    _assert_quik_matches(cl.w4a4_outlier_linear_cpu(*args), w4a4_outlier_linear_reference(*args), x, ow, None, None)
+    zero = torch.zeros_like(ow)  # outlier weights of zero: the rest is the integer path, bit for bit
+    args0 = (x, pack_int4(q), sw, row_sum(q, sw), zero, None, None, None, 4)
+    assert torch.equal(cl.w4a4_outlier_linear_cpu(*args0), w4a4_outlier_linear_reference(*args0))
 
 
 WEIGHT_ONLY = [(4, PerRow(), True), (4, PerGroup(32), False), (4, PerGroup(64), True), (3, PerRow(), True),
