@@ -41,11 +41,14 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
 
     def quik(k: int, gptq: bool, clip: bool = False, d8: bool = False, bits: int = 4,
              grid: str | None = None, act_order: bool = False, prop_down: bool = False,
-             damp: float = 0.01) -> Callable[[], list]:
+             damp: float = 0.01, clip_search: str | None = None) -> Callable[[], list]:
         def make() -> list:
             # the outlier lowering requires the ``outliers`` analysis: k = 0 selects none
             p: list = [ActivationStats(), SelectOutliers(k=k, proportional_down=prop_down)] + (
                 [ReorderOutliers()] if k else [])
+            if clip_search:  # per-row ranges chosen on calibration outputs, outlier columns left out
+                p.append(ClipSearch(w_bits=bits, outliers=True, w_grid=clip_search,
+                                    ignore=("re:(.*\\.)?lm_head",) + (("re:.*down_proj",) if d8 else ())))
             if gptq:
                 cls = _quik_act_order_gptq() if act_order else GPTQ
                 p.append(cls(w_bits=bits, outliers="keep_fp16" if k else None, clip=clip, grid=grid, damp=damp,
@@ -87,6 +90,10 @@ def _rows() -> dict[str, tuple[str, Callable[[], list]]]:
                        quik(32, True, clip=True, d8=True, prop_down=True)),
         "quik_4b_ao_pd": ("QUIK-4B, act-order + proportional down_proj outliers (bench experiment)",
                           quik(32, True, clip=True, d8=True, act_order=True, prop_down=True)),
+        "quik_4b_cs": ("QUIK-4B with ClipSearch ranges (outliers left out; restricted grid)",
+                       quik(32, True, clip=True, d8=True, clip_search="restricted")),
+        "quik_4b_cs_full": ("QUIK-4B with ClipSearch ranges (outliers left out; full grid)",
+                            quik(32, True, clip=True, d8=True, clip_search="full")),
         "quik_4b_damp10": ("QUIK-4B, GPTQ dampening 0.1", quik(32, True, clip=True, d8=True, damp=0.1)),
         "quik_4b_noclip_ao": ("QUIK-4B without the clipping search, act-order (bench experiment)",
                               quik(32, True, d8=True, act_order=True)),

@@ -40,11 +40,23 @@ class ClipRecord:
     granularity: Granularity
     symmetric: bool
     grid: str = "restricted"
+    outlier_idx: torch.Tensor | None = None  # float columns left out of the search (None: none)
 
     def applies_to(self, bits: int, granularity: Granularity, symmetric: bool, rows: int,
-                   grid: str = "restricted") -> bool:
+                   grid: str = "restricted", outlier_idx: torch.Tensor | None = None) -> bool:
+        """The ratios were searched for this quantizer and these float columns (a search that
+        left QUIK's outlier columns out fits only a quantizer that keeps the same ones in float)."""
         return (self.bits, self.granularity, self.symmetric, self.ratio.numel()) == (
-            bits, granularity, symmetric, rows) and (not symmetric or self.grid == grid)
+            bits, granularity, symmetric, rows) and (not symmetric or self.grid == grid) and _same_columns(
+            self.outlier_idx, outlier_idx)
+
+
+def _same_columns(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    a = a if a is not None and a.numel() else None
+    b = b if b is not None and b.numel() else None
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a.long().cpu(), b.long().cpu())
 
 
 class WeightClips(AnalysisResult[ClipRecord]):
@@ -73,8 +85,13 @@ class ClipSearch(Pass):
     """Per-row clipping ratios for round-to-nearest weights, by measured output error.
 
     ``w_bits`` / ``w_granularity`` / ``w_symmetric`` / ``w_grid``: the weight quantizer
-    ``QuantizeLinears`` will use (``w_grid`` None: the format layer's default for ``w_bits``). ``ratios``: the grid (1.0 = no clipping). ``targets`` / ``ignore``: module patterns (lm_head
+    ``QuantizeLinears`` will use (``w_grid`` None: the format layer's default for ``w_bits``).
+    ``ratios``: the grid (1.0 = no clipping). ``targets`` / ``ignore``: module patterns (lm_head
     ignored by default). ``search_tokens``: calibration tokens sampled per linear input.
+    ``outliers``: QUIK mode: each linear's float outlier columns (the ``outliers`` analysis of
+    SelectOutliers; run it, and ReorderOutliers, first) are left out of the weight and of the
+    input, so the ratios fit the range of the columns that are quantized; such records apply only
+    to a quantizer that keeps the same columns in float (``GPTQ(outliers="keep_fp16")``).
     Provides ``weight_clip`` (a ``WeightClips``, module -> ClipRecord). Needs calibration data.
     """
 
@@ -86,6 +103,7 @@ class ClipSearch(Pass):
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ("re:(.*\\.)?lm_head",)
     search_tokens: int = 2048
+    outliers: bool = False
 
     kind = PassKind.ANALYSIS
     provides = ("weight_clip",)
@@ -114,6 +132,10 @@ class ClipSearch(Pass):
         if ctx.calibration is None:
             raise PipelineError("ClipSearch measures output error on calibration data: pass calibration=... "
                                 "to compile()")
+        if self.outliers and "outliers" not in ctx.analyses:
+            raise PipelineError("ClipSearch(outliers=True) leaves each linear's outlier columns out of the "
+                                "search: run SelectOutliers (and ReorderOutliers) before it")
+        outlier_sets = ctx.analyses.get("outliers", {}) if self.outliers else {}
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
         earlier = ctx.analyses.get("weight_clip")
         if not sites:
@@ -125,10 +147,17 @@ class ClipSearch(Pass):
             for s in sites:
                 if s.input not in xs:
                     continue
-                ratio, errs = row_clip_ratios(xs[s.input], s.weight_tensor(gm), self.w_bits, self.w_granularity,
+                x, w = xs[s.input], s.weight_tensor(gm)
+                idx = outlier_sets.get(s.module)
+                if idx is not None and idx.numel():  # only the columns that are quantized
+                    keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+                    keep[idx.to(w.device).long()] = False
+                    x, w = x[:, keep.to(x.device)], w[:, keep]
+                ratio, errs = row_clip_ratios(x, w, self.w_bits, self.w_granularity,
                                               self.w_symmetric, self.ratios + (1.0,), self.w_grid)
                 err, err1 = errs.min(dim=0).values, errs[-1]
-                records[s.module] = ClipRecord(ratio, self.w_bits, self.w_granularity, self.w_symmetric, self.w_grid)
+                records[s.module] = ClipRecord(ratio, self.w_bits, self.w_granularity, self.w_symmetric, self.w_grid,
+                                               None if idx is None or not idx.numel() else idx.long().cpu().clone())
                 rows.append({"module": s.module, "ratio mean": round(float(ratio.mean()), 3),
                              "ratio min": float(ratio.min()), "rows clipped": int((ratio < 1).sum()),
                              "output error vs no clip": round(float(err.sum() / err1.sum().clamp_min(1e-30)), 4)})

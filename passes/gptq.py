@@ -150,9 +150,9 @@ class GPTQ(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         start, cpu_start = time.perf_counter(), time.process_time()
         outliers = ctx.analyses.get("outliers", {}) if self.outliers else {}
-        # per-row ranges a ClipSearch before this pass chose on calibration outputs (not in QUIK mode,
-        # whose outlier columns the search did not leave out)
-        clips = ctx.analyses.get("weight_clip", {}) if not self.outliers else {}
+        # per-row ranges a ClipSearch before this pass chose on calibration outputs (in QUIK mode only
+        # those searched without the same outlier columns: ClipSearch(outliers=True))
+        clips = ctx.analyses.get("weight_clip", {})
         stats = ctx.analyses.get("activation_stats", {})
         records: dict[str, GPTQRecord] = {}
         sites = [s for s in linear_sites(gm) if self.selected(s.module)]
@@ -238,8 +238,8 @@ class GPTQ(Pass):
             out.append(row)
         return out
 
-    def _given_clips(self, group: list, ws: list, clips: Any,
-                     settings: tuple[int, int, bool, bool, str]) -> tuple[torch.Tensor | None, str]:
+    def _given_clips(self, group: list, ws: list, clips: Any, settings: tuple[int, int, bool, bool, str],
+                     outliers: dict | None = None) -> tuple[torch.Tensor | None, str]:
         """(per-row clip ratios for the group's stacked rows, grid) when a ClipSearch chose ratios for
         every linear of the group for this quantizer, else (None, grid). A grid left to the default
         follows the records' (the ratios were searched on it); one asked for must match them."""
@@ -250,8 +250,9 @@ class GPTQ(Pass):
         if not found or any(r is None for r in found):
             return None, grid
         use = grid if explicit or not symmetric else found[0].grid
-        if not all(r.applies_to(bits, _clip_granularity(group_size), symmetric, w.shape[0], use)
-                   for r, w in zip(found, ws)):
+        float_cols = [(outliers or {}).get(s.module) if self.outliers else None for s in group]
+        if not all(r.applies_to(bits, _clip_granularity(group_size), symmetric, w.shape[0], use, cols)
+                   for r, w, cols in zip(found, ws, float_cols)):
             return None, grid
         return torch.cat([r.ratio.float() for r in found]), use
 
@@ -264,7 +265,7 @@ class GPTQ(Pass):
         measured."""
         bits, group_size, symmetric, clip, grid = settings
         ws: list[torch.Tensor | None] = [s.weight_tensor(gm).detach() for s in group]
-        ratio, grid = self._given_clips(group, ws, clips or {}, settings)
+        ratio, grid = self._given_clips(group, ws, clips or {}, settings, outliers)
         k = ws[0].shape[1]
         perm, keep = None, 0
         if self.outliers:

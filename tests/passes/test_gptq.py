@@ -234,3 +234,48 @@ def test_clip_search_ratios_set_gptq_scales():
     other = qcompile.compile(model, [ClipSearch(w_bits=3), GPTQ(w_bits=4)], calibration=_calib())
     for name, rec in other.qcompile_analyses["gptq"].items():
         assert torch.allclose(rec.scale, plain.qcompile_analyses["gptq"][name].scale)
+
+
+def test_clip_search_without_outlier_columns_sets_quik_mode_scales():
+    """ClipSearch(outliers=True) searches each row's range on the columns that stay quantized (the
+    outlier columns left out of weight and input); GPTQ in QUIK mode then takes those ratios: its
+    per-row scales are the quantized columns' abs-max x the ratio. A search over all columns is
+    not used in QUIK mode, and a search without the outliers is not used by a plain quantizer."""
+    from qcompile.formats import symmetric_qmax
+    from qcompile.passes import ClipSearch, QuantizeLinears
+    k = 6
+    model = tiny_llama(layers=1)
+    head = [ActivationStats(), SelectOutliers(k=k), ReorderOutliers()]
+    quik = GPTQ(w_bits=4, outliers="keep_fp16", grid="full")
+    gm = qcompile.compile(model, head + [ClipSearch(w_bits=4, outliers=True, w_grid="full"), quik],
+                          calibration=_calib())
+    clips, recs = gm.qcompile_analyses["weight_clip"], gm.qcompile_analyses["gptq"]
+    assert {r["clip"] for r in gm.qcompile_report["GPTQ"].table} == {"ClipSearch"}
+    reordered = qcompile.compile(model, head, calibration=_calib())  # the weights ClipSearch saw
+    weights = {s.module: s.weight_tensor(reordered).detach() for s in linear_sites(reordered)}
+    shrunk = 0
+    for name, rec in recs.items():
+        clip, w = clips[name], weights[name]
+        width = w.shape[1]
+        assert torch.equal(clip.outlier_idx.sort().values, torch.arange(width - k, width))
+        want = w[:, :width - k].abs().amax(dim=1) * clip.ratio / symmetric_qmax(4, "full")
+        assert torch.allclose(rec.scale[:, 0], want, rtol=1e-6)
+        shrunk += int((clip.ratio < 1).sum())
+    assert shrunk > 0
+    # a search over all columns does not fit QUIK mode: GPTQ keeps its own (plain) scales
+    plain = qcompile.compile(model, head + [quik], calibration=_calib())
+    other = qcompile.compile(model, head + [ClipSearch(w_bits=4, w_grid="full"), quik], calibration=_calib())
+    for name, rec in other.qcompile_analyses["gptq"].items():
+        assert torch.allclose(rec.scale, plain.qcompile_analyses["gptq"][name].scale)
+    # and a search without the outlier columns does not apply to all-column round-to-nearest
+    rtn = qcompile.compile(model, head + [ClipSearch(w_bits=4, outliers=True),
+                                          QuantizeLinears(w_bits=4, a_bits=None)], calibration=_calib())
+    assert {r["weights from"] for r in rtn.qcompile_report["QuantizeLinears"].table} == {"RTN"}
+
+
+def test_clip_search_with_outliers_needs_the_outlier_analysis():
+    from qcompile import PipelineError
+    from qcompile.passes import ClipSearch
+    with pytest.raises(PipelineError, match="run SelectOutliers"):
+        qcompile.compile(tiny_llama(layers=1), [ClipSearch(w_bits=4, outliers=True), GPTQ(w_bits=4)],
+                         calibration=_calib())
