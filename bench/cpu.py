@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         if "smollm2" in args.models:
             parts.append(f"llama.cpp: {lnote}.")
     cmd = "python bench/cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = (f"{header}\n\nDate 2026-11-30 ({datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC), commit "
+    body = (f"{header}\n\nDate {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d (%H:%M} UTC), commit "
             f"{git_commit()}, command `{cmd.strip()}`.\n\n" + "\n\n".join(parts))
     print("\n" + body)
     if not args.no_write and (args.layers or args.e2e or args.torchao):
