@@ -280,19 +280,23 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
     out = torch.empty(m, n, dtype=x.dtype)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
-    xq, xo = split_outlier_columns(x2, k_out, outlier_idx, perm)  # the reference's own split
-    if xq.stride(-1) != 1:
-        xq = xq.contiguous()
-    if k_out and xo.stride(-1) != 1:
-        xo = xo.contiguous()
+    if outlier_idx is None and perm is None:  # outliers last (ReorderOutliers): the columns in place
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        xq_ptr, ldq, xo_ptr, ldo = x2.data_ptr(), x2.stride(0), x2.data_ptr() + kq * x2.element_size(), x2.stride(0)
+    else:
+        xq, xo = split_outlier_columns(x2, k_out, outlier_idx, perm)  # the reference's own split
+        xq = xq if xq.stride(-1) == 1 else xq.contiguous()
+        xo = xo if xo.stride(-1) == 1 else xo.contiguous()
+        xq_ptr, ldq, xo_ptr, ldo = xq.data_ptr(), xq.stride(0), xo.data_ptr(), xo.stride(0)
     # the outlier columns' float product is computed inside the native epilogue (float32 FMAs)
-    xo_args = (xo.data_ptr(), xo.stride(0), prep.extra["owt"].data_ptr(), k_out) if k_out else (None, 0, None, 0)
+    xo_args = (xo_ptr, ldo, prep.extra["owt"].data_ptr(), k_out) if k_out else (None, 0, None, 0)
     nt = torch.get_num_threads()
     code = _FLOAT_CODES[x.dtype]
     rs = prep.extra["rs"]
     backend = int_backend(m, kq, n)
     if backend == "gemv":
-        nat.qc_quik_small(xq.data_ptr(), code, m, kq, xq.stride(0), prep.w8.data_ptr(), prep.w8.stride(0),
+        nat.qc_quik_small(xq_ptr, code, m, kq, ldq, prep.w8.data_ptr(), prep.w8.stride(0),
                           prep.colsum.data_ptr(), prep.sw.data_ptr(), rs.data_ptr(), a_bits, *xo_args,
                           _ptr(prep.bias), out.data_ptr(), n, nt)
         return out.reshape(*lead, n)
@@ -300,7 +304,7 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
     qx = _scratch("qx", (m, kq), torch.uint8 if u8 else torch.int8)
     st = torch.empty(m, dtype=torch.float32)
     mt = torch.empty(m, dtype=torch.float32)
-    nat.qc_quant_asym(xq.data_ptr(), code, m, kq, xq.stride(0), qx.data_ptr(), kq, st.data_ptr(), mt.data_ptr(),
+    nat.qc_quant_asym(xq_ptr, code, m, kq, ldq, qx.data_ptr(), kq, st.data_ptr(), mt.data_ptr(),
                       a_bits, 128 if u8 else 0, nt)
     acc = _int_gemm(qx, prep, backend)
     nat.qc_epilogue_quik(acc.data_ptr(), int(acc.dtype == torch.float32), acc.stride(0), st.data_ptr(), mt.data_ptr(),

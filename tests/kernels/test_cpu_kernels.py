@@ -120,6 +120,8 @@ def test_quik_outlier_columns_on_odd_shapes(backend, m, n, k_out):
     x = torch.randn(m, k, generator=g) * torch.cat([torch.ones(k - k_out), torch.full((k_out,), 50.0)])
     args = (x, pack_int4(q), sw, row_sum(q, sw), ow, None, None, None, 4)
     _assert_quik_matches(cl.w4a4_outlier_linear_cpu(*args), w4a4_outlier_linear_reference(*args), x, ow, None, None)
+    column_major = x.T.contiguous().T  # the same values, rows not contiguous: the same result
+    assert torch.equal(cl.w4a4_outlier_linear_cpu(column_major, *args[1:]), cl.w4a4_outlier_linear_cpu(*args))
     zero = torch.zeros_like(ow)  # outlier weights of zero: the rest is the integer path, bit for bit
     args0 = (x, pack_int4(q), sw, row_sum(q, sw), zero, None, None, None, 4)
     assert torch.equal(cl.w4a4_outlier_linear_cpu(*args0), w4a4_outlier_linear_reference(*args0))
