@@ -9,7 +9,8 @@ from models_for_tests import tiny_llama
 
 
 BUILTIN = ["rtn-w8a8", "rtn-w4a16", "rtn-clip-w4a16", "rtn-w4a16-g128", "smoothquant-w8a8", "aweq-w8a8",
-           "aweq-w4a16", "aweq-w3a16", "gptq-w4a16", "gptq-clip-w4a16", "quik-w4a4", "quik-w8a8"]
+           "aweq-w4a16", "aweq-w3a16", "gptq-w4a16", "gptq-clip-w4a16", "gptq-clip-w4a16-g128", "quik-w4a4",
+           "quik-w8a8"]
 
 
 def test_every_builtin_recipe_is_offered_by_name():
