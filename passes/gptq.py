@@ -250,7 +250,7 @@ class GPTQ(Pass):
         if not found or any(r is None for r in found):
             return None, grid
         use = grid if explicit or not symmetric else found[0].grid
-        float_cols = [(outliers or {}).get(s.module) if self.outliers else None for s in group]
+        float_cols = [(outliers or {}).get(s.module) for s in group]  # QUIK mode only: {} otherwise
         if not all(r.applies_to(bits, _clip_granularity(group_size), symmetric, w.shape[0], use, cols)
                    for r, w, cols in zip(found, ws, float_cols)):
             return None, grid

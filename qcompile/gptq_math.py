@@ -39,7 +39,7 @@ _GATHER_ROWS = 512      # rows per band when a K x K matrix is permuted or rever
 _DEQUANT_COLS = 512     # columns per band when the rounded layer is put back in order
 _INVERSE_COLS = 1024    # columns per band of the in-place triangular inverse
 _UPDATE_COLS = 2048     # columns per band of the block's error update on the later columns
-HESSIAN_BAND = 128  # rows of H updated by one BLAS call (measured: 128 is the fastest for K 576-1536)
+_HESSIAN_BAND = 128     # rows of H updated by one BLAS call (measured: the fastest for K 576-1536)
 _ERROR_BAND = 1024      # rows of H per band when a layer error is measured
 
 
@@ -114,7 +114,7 @@ class HessianAccumulator:
     first read of ``h``): a layer's accumulators do not all hold memory before their turn.
 
     H is symmetric, so each batch updates its lower triangle only, in bands of
-    ``HESSIAN_BAND`` rows (rows i of columns <= the band's end: about 60% of the full product's
+    128 rows (rows i of columns <= the band's end: about 60% of the full product's
     work); reading ``h`` copies the strict lower triangle onto the upper one first, so the
     matrix read is exactly symmetric."""
 
@@ -133,7 +133,7 @@ class HessianAccumulator:
     def h(self) -> torch.Tensor:
         h = self._matrix()
         if self._upper_stale:
-            mirror_lower_(h)
+            _mirror_lower_(h)
             self._upper_stale = False
         return h
 
@@ -155,19 +155,19 @@ class HessianAccumulator:
         x2 = x2.to(h.device, h.dtype)
         # H <- n/(n+m) H + 2/(n+m) x^T x, lower triangle, one BLAS call per band (no scaled copy)
         beta, alpha = self.n / (self.n + m), 2.0 / (self.n + m)
-        for r0 in range(0, self.k, HESSIAN_BAND):
-            r1 = min(r0 + HESSIAN_BAND, self.k)
+        for r0 in range(0, self.k, _HESSIAN_BAND):
+            r1 = min(r0 + _HESSIAN_BAND, self.k)
             h[r0:r1, :r1].addmm_(x2[:, r0:r1].T, x2[:, :r1], beta=beta, alpha=alpha)
         self._upper_stale = True
         self.n += m
 
 
-def mirror_lower_(h: torch.Tensor) -> torch.Tensor:
+def _mirror_lower_(h: torch.Tensor) -> torch.Tensor:
     """Copy the strict lower triangle of the square ``h`` onto its upper one, in place, a band of
-    ``HESSIAN_BAND`` rows at a time (no K x K temporary)."""
+    ``_HESSIAN_BAND`` rows at a time (no K x K temporary)."""
     k = h.shape[0]
-    for r0 in range(0, k, HESSIAN_BAND):
-        r1 = min(r0 + HESSIAN_BAND, k)
+    for r0 in range(0, k, _HESSIAN_BAND):
+        r1 = min(r0 + _HESSIAN_BAND, k)
         h[r0:r1, r1:].copy_(h[r1:, r0:r1].T)
         d = h[r0:r1, r0:r1]
         d.copy_(d.tril() + d.tril(-1).T)
