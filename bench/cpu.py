@@ -5,6 +5,7 @@
     python bench/cpu.py --layers --no-write  # layer-wise table only
     python bench/cpu.py --candidates         # the kernels the CPU dispatch chooses between, per shape
     python bench/cpu.py --e2e --models smollm2 --recipes rtn-w8a8
+    python bench/cpu.py --attention --no-write   # prefill attention: the native flash kernel vs SDPA
 
 Layer-wise: K x N in 576x1536, 1536x576 (SmolLM2), 4096x4096, 4096x11008, 11008x4096 (LLaMA-7B),
 M in 1, 16, 128, 2048. Each op is the registered ``torch.ops.qcompile`` op on bf16 activations
@@ -12,10 +13,17 @@ M in 1, 16, 128, 2048. Each op is the registered ``torch.ops.qcompile`` op on bf
 rounds (every variant once per round, in turn, so load changes hit all alike; the minimum because
 other processes only add time); ratios are bf16 time / op time from the same rounds.
 
+Attention: causal bf16 prefill attention, qcompile's native flash kernel
+(``qcompile.kernels.cpu_attention``) against torch's SDPA (its bf16 CPU flash kernel) on the heads
+of SmolLM2 (9 query / 3 key-value heads of 64) and LLaMA-7B (32 / 32 of 128), 512 and 2048 tokens.
+
 End to end: SmolLM2-135M (``qcompile.models.load("smollm2-135m")``) and a random LLaMA-7B-shaped
 model of a few layers: prefill tokens/s at 2048 tokens (the prompt into the KV cache, last-position
 logits only, as generation's prefill) and greedy decode tokens/s
-with the KV cache (``qcompile.fast_generate``), each recipe against the HF model in bf16 and fp32.
+with the KV cache (``qcompile.fast_generate``), each recipe against the HF model in bf16 and fp32
+(the HF rows run transformers' own SDPA attention, ``FastModel(attention="model")``; the row "HF
+bf16, compiled decode" is the same float model through qcompile's runtime, attention included, so
+the table separates what the runtime gives from what quantization gives).
 Speed does not depend on the weights' values, so recipes that calibrate (GPTQ) are replaced by
 their round-to-nearest twin with the same lowering (named ``~`` in the table).
 
@@ -308,6 +316,38 @@ E2E_RECIPES = {  # name in the table -> passes (speed twins of the built-in reci
 }
 
 
+ATTENTION_SHAPES = [("SmolLM2", 9, 3, 64), ("LLaMA-7B", 32, 32, 128)]  # name, query heads, kv heads, head size
+ATTENTION_LENGTHS = [512, 2048]
+
+
+def bench_attention(budget: float) -> str:
+    """Causal bf16 prefill attention: SDPA vs the native flash kernel, interleaved, plus the
+    largest difference between them (both against float32 attention of the same inputs)."""
+    from qcompile.kernels import cpu_attention as ca
+
+    if not ca.available():
+        return "(the native AVX-512 BF16 attention kernel is not built on this machine)"
+    lines = ["| heads (q / kv x size) | tokens | SDPA bf16 ms | qcompile flash ms | x SDPA | max abs error vs fp32: SDPA / ours |",
+             "|---|---|---|---|---|---|"]
+    for name, h, hkv, d in ATTENTION_SHAPES:
+        for length in ATTENTION_LENGTHS:
+            g = torch.Generator().manual_seed(length)
+            q = torch.randn(1, length, h, d, generator=g).bfloat16().transpose(1, 2)  # as transformers passes it
+            k, v = (torch.randn(1, hkv, length, d, generator=g).bfloat16() for _ in range(2))
+            scale = d ** -0.5
+            fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True),
+                   "flash": lambda: ca.flash_attention(q, k, v, scale, True)}
+            t = interleaved(fns, budget)
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale,
+                                                 enable_gqa=True)
+            err_sdpa = (fns["sdpa"]().float() - ref).abs().max().item()
+            err_ours = (fns["flash"]().float() - ref.transpose(1, 2)).abs().max().item()
+            lines.append(f"| {name} ({h} / {hkv} x {d}) | {length} | {t['sdpa'] * 1e3:.2f} | {t['flash'] * 1e3:.2f} | "
+                         f"{t['sdpa'] / t['flash']:.2f} | {err_sdpa:.4f} / {err_ours:.4f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def llama7b_shaped(layers: int, seed: int = 0):
     """LLaMA-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000) with ``layers`` layers and
     random weights; the embedding is tied to lm_head (7B's are separate: same compute, 0.5 GB less
@@ -357,15 +397,16 @@ def bench_e2e(which: list[str], recipes: list[str], layers: int, prefill_len: in
         prompt = torch.randint(0, vocab, (1, prefill_len), generator=torch.Generator().manual_seed(1))
         short = prompt[:, :16]
         # float32 first and alone (the largest copy; freed before the interleaved rounds)
-        fp32 = fg.FastModel(model, dtype=torch.float32, compile_decode=False)
+        fp32 = fg.FastModel(model, dtype=torch.float32, compile_decode=False, attention="model")
         fp32_best = (fg.time_prefill(fp32, prompt, repeats=2), fg.time_decode(fp32, short, decode_tokens, repeats=2))
         print(f"{label} / HF fp32 (alone): prefill {prefill_len / fp32_best[0]:.1f} tok/s, decode "
               f"{fp32_best[1]:.1f} tok/s", flush=True)
         del fp32
         bf16 = fg.cast_float_parts(copy.deepcopy(model), torch.bfloat16)
-        runners = [("HF bf16", fg.FastModel(bf16, dtype=torch.bfloat16, compile_decode=False))]
-        if compile_decode:  # the same bf16 model, decoded by the compiled static-cache loop
-            runners.append(("HF bf16, compiled decode", fg.FastModel(bf16, dtype=torch.bfloat16, compile_decode=True)))
+        runners = [("HF bf16", fg.FastModel(bf16, dtype=torch.bfloat16, compile_decode=False, attention="model"))]
+        if compile_decode:  # the same bf16 model through qcompile's runtime: its attention, the compiled decode loop
+            runners.append(("HF bf16, compiled decode", fg.FastModel(copy.deepcopy(bf16), dtype=torch.bfloat16,
+                                                                     compile_decode=True)))
         for r in recipes:
             q = _quantized(model, E2E_RECIPES[r], vocab)
             runners.append((r, fg.FastModel(q, dtype=torch.bfloat16, compile_decode=compile_decode)))
@@ -543,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", action="store_true", help="layer-wise table")
     ap.add_argument("--e2e", action="store_true", help="end-to-end table")
     ap.add_argument("--candidates", action="store_true", help="the dispatch's candidate kernels alone")
+    ap.add_argument("--attention", action="store_true", help="prefill attention: native flash kernel vs SDPA")
     ap.add_argument("--torchao", action="store_true", help="torchao's CPU int8-dynamic and int4 weight-only "
                     "linears on the same shapes (installs torchao into its own venv, reusing this torch)")
     ap.add_argument("--m", type=int, nargs="+", default=MS)
@@ -559,8 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e-threads", type=int, help="torch threads end to end (default: the first of --threads)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    if not (args.layers or args.e2e or args.candidates or args.torchao):
-        args.layers = args.e2e = args.torchao = True
+    if not (args.layers or args.e2e or args.candidates or args.torchao or args.attention):
+        args.layers = args.e2e = args.torchao = args.attention = True
     import qcompile  # noqa: F401
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.kn]
     header = machine()
@@ -584,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
                          "same process, run right after the table above):\n\n"
                          + (torchao_table(rows) if rows else "(no rows)"))
     torch.set_num_threads(args.e2e_threads or args.threads[0])
+    if args.attention:
+        parts.append(f"Prefill attention, causal, bf16, **{torch.get_num_threads()} thread(s)** (best of interleaved "
+                     "rounds; the kernel's output is [B, L, H, D], the layout transformers wants, SDPA's a "
+                     "transposed view of it):\n\n" + bench_attention(args.budget))
     if args.e2e:
         rows = bench_e2e(args.models, args.recipes, args.llama_layers, args.prefill, args.decode_tokens,
                          not args.no_compile)
@@ -605,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"{header}\n\nDate {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d (%H:%M} UTC), commit "
             f"{git_commit()}, command `{cmd.strip()}`.\n\n" + "\n\n".join(parts))
     print("\n" + body)
-    if not args.no_write and (args.layers or args.e2e or args.torchao):
+    if not args.no_write and (args.layers or args.e2e or args.torchao or args.attention):
         write_results(body)
         print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0

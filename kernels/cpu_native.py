@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from qcompile.kernels.cpu_native_src import SOURCE
+from qcompile.kernels.cpu_attention_src import SOURCE as _ATTENTION_SOURCE
+from qcompile.kernels.cpu_native_src import SOURCE as _HELPER_SOURCE
 
 __all__ = ["lib", "available", "has_vnni", "DTYPE_CODE", "build_error"]
 
@@ -39,6 +40,7 @@ DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
           "-std=gnu11"]
 _build_error: str | None = None
+SOURCE = _HELPER_SOURCE + _ATTENTION_SOURCE  # one library: the helpers, then the prefill attention
 
 
 def _cache_dir() -> Path:
@@ -84,11 +86,13 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_w8a8_small": [P, I, I64, I64, I64, P, I64, P, P, P, F, P, I64, I],
         "qc_quik_small": [P, I, I64, I64, I64, P, I64, P, P, P, I, P, I64, P, I64, P, P, I64, I],
         "qc_gptq_columns": [P, I64, I64, P, I64, I64, I64, I64, P, P, P, I64, F, F, P, I64, I64, P, I64, I],
+        "qc_attention_available": [],
+        "qc_flash_attention": [P, I64, I64, I64] * 4 + [I64] * 6 + [F, I, I],
     }
     for name, args in sigs.items():
         fn = getattr(dll, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int if name == "qc_features" else None
+        fn.restype = ctypes.c_int if name in ("qc_features", "qc_attention_available") else None
     return dll
 
 

@@ -16,8 +16,11 @@ with the same stored tensors, inside the HF model), and
   laid out once here (``attach_packed_kernels``): the same kernels and operands the op would use
   for those calls, so the same results, but a compiled decode step sees plain aten ops instead of
   one opaque custom-op call (a Python function) per linear;
-- one-token attention runs as plain matmuls and a softmax (``qcompile.decode_attention``) instead
-  of SDPA's flash kernel, whose fixed cost per call dominates at one query; prefill keeps SDPA;
+- attention is ``qcompile.attention``'s: one-token attention runs as plain matmuls and a softmax
+  instead of SDPA's flash kernel, whose fixed cost per call dominates at one query; an unmasked
+  bf16 prefill (or full-sequence forward) runs the native flash kernel
+  (``qcompile.kernels.cpu_attention``); anything else stays SDPA's. ``attention="model"`` keeps
+  the model's own attention throughout (the benchmarks' plain-HF baseline);
 - decoding runs a static KV cache with the one-token decode step compiled by ``torch.compile``
   (inductor). The cache length is rounded up to a power of two (at least ``MIN_CACHE_LEN``), so
   prompts and generation lengths of the same order reuse one compiled step instead of compiling
@@ -39,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcompile.decode_attention import use_decode_attention
+from qcompile.attention import use_cpu_attention
 
 __all__ = ["FastModel", "from_saved", "resolve_dtype", "cpu_has_bf16", "cast_float_parts", "time_prefill",
            "time_decode", "attach_packed_kernels", "static_cache_len", "BF16_MIN_PARAMS", "COMPILE_MIN_TOKENS",
@@ -134,13 +137,15 @@ class FastModel:
     with a static KV cache and a compiled decode step (``compile_decode``: True, False or "auto")."""
 
     def __init__(self, model: nn.Module, dtype: str | torch.dtype = "auto",
-                 compile_decode: bool | str = "auto"):
+                 compile_decode: bool | str = "auto", attention: str = "qcompile"):
         self.dtype = resolve_dtype(dtype, model)
         self.model = cast_float_parts(model, self.dtype)
         self.model.eval()
         self.compile_decode = compile_decode
         self.packed_linears = attach_packed_kernels(self.model, self.dtype)
-        self.decode_attention = use_decode_attention(self.model)
+        if attention not in ("qcompile", "model"):
+            raise ValueError(f"attention must be 'qcompile' or 'model', got {attention!r}")
+        self.cpu_attention = attention == "qcompile" and use_cpu_attention(self.model)
         self._compiled = None
 
     # ---- forward
