@@ -119,3 +119,18 @@ def test_generations_of_similar_length_reuse_one_compiled_step(lowered_llama):
         compiled.append(runner.generate(ids, new))
         assert compiled[-1].shape == (1, prompt + new)
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_a_longer_cache_recompiles_the_step_and_decodes_the_same(lowered_llama):
+    """The compiled step keeps no guards on the model's modules, but those on its inputs: a static
+    cache of another length is a new graph, not the old one run on the wrong shapes."""
+    model, gm = lowered_llama
+    torch._dynamo.reset()
+    runner = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=True)
+    eager = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=False)
+    import torch._dynamo.utils as dynamo_utils
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for prompt, new in ((5, 8), (250, 10)):  # cache lengths 256, then 512
+        ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+        assert torch.equal(runner.generate(ids, new), eager.generate(ids, new))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2
