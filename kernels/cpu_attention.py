@@ -61,6 +61,9 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     for t in (query, key, value):
         strides += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
     strides += [out.data_ptr(), lq * h * d, d, h * d]
-    cpu_native.lib().qc_flash_attention(*strides, b, h, hkv, lq, lk, d, float(scale), int(bool(causal)),
-                                        torch.get_num_threads())
+    status = cpu_native.lib().qc_flash_attention(*strides, b, h, hkv, lq, lk, d, float(scale), int(bool(causal)),
+                                                 torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"flash_attention could not allocate its work buffers (about "
+                          f"{b * hkv * (lk + 63) // 64 * 64 * d * 4 / 2**20:.0f} MiB for the laid-out keys and values)")
     return out

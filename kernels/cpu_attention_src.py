@@ -94,10 +94,11 @@ static void qa_values(const uint16_t* P, int nr, const uint16_t* vp, int64_t D, 
     }
 }
 
-/* Attention of bf16 q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (element strides: batch, head, token; the
+/* Returns 0, or 1 when a buffer could not be allocated (the output is then incomplete).
+   Attention of bf16 q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (element strides: batch, head, token; the
    last dimension contiguous) into bf16 out (same kind of strides, [B, H, Lq, D] indexing). causal:
    query i sees keys j <= i + Lk - Lq (Lq <= Lk). D a multiple of 16, at most 256; H a multiple of Hkv. */
-void qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst,
+int qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst,
                         const uint16_t* k, int64_t ksb, int64_t ksh, int64_t kst,
                         const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vst,
                         uint16_t* out, int64_t osb, int64_t osh, int64_t ost,
@@ -105,7 +106,9 @@ void qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst
                         float scale, int causal, int nthreads) {
     const int64_t nkb = (Lk + QA_BK - 1) / QA_BK, lpad = nkb * QA_BK, per = lpad * D;
     uint16_t* kp = (uint16_t*)aligned_alloc(64, (size_t)(B * Hkv * per * 2 * sizeof(uint16_t)));
+    if (kp == NULL) return 1;
     uint16_t* vp = kp + B * Hkv * per;
+    int failed = 0;
     const int64_t dp = D / 2;
     /* key tiles [Lpad/16][D/2][16][2] and value pairs [Lpad/2][D][2], zero past Lk */
     #pragma omp parallel for num_threads(nthreads) collapse(2) schedule(static)
@@ -130,9 +133,15 @@ void qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst
         uint16_t* P = (uint16_t*)aligned_alloc(64, QA_BQ * QA_BK * sizeof(uint16_t));
         float* O = (float*)aligned_alloc(64, QA_BQ * QA_DMAX * sizeof(float));
         float m[QA_BQ], l[QA_BQ];
+        const int ok = S != NULL && P != NULL && O != NULL;
+        if (!ok) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         /* the longest rows (last query blocks) first: dynamic scheduling then balances the tail */
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < B * H * nqb; ++task) {
+            if (!ok) continue;  /* no early exit from a worksharing loop; this thread's share is skipped */
             const int64_t qb = nqb - 1 - task % nqb, bh = task / nqb, b = bh / H, h = bh % H;
             const int64_t i0 = qb * QA_BQ, nr = Lq - i0 < QA_BQ ? Lq - i0 : QA_BQ;
             const uint16_t* qr = q + b * qsb + h * qsh + i0 * qst;
@@ -183,14 +192,15 @@ void qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst
         free(S); free(P); free(O);
     }
     free(kp);
+    return failed;
 }
 #else
 int qc_attention_available(void) { return 0; }
-void qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst,
+int qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst,
                         const uint16_t* k, int64_t ksb, int64_t ksh, int64_t kst,
                         const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vst,
                         uint16_t* out, int64_t osb, int64_t osh, int64_t ost,
                         int64_t B, int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D,
-                        float scale, int causal, int nthreads) { (void)q; (void)k; (void)v; (void)out; }
+                        float scale, int causal, int nthreads) { (void)q; (void)k; (void)v; (void)out; return 2; }
 #endif
 """

@@ -92,7 +92,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     for name, args in sigs.items():
         fn = getattr(dll, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int if name in ("qc_features", "qc_attention_available") else None
+        fn.restype = ctypes.c_int if name in ("qc_features", "qc_attention_available", "qc_flash_attention") else None
     return dll
 
 
