@@ -41,6 +41,19 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {"single": root / "single", "sharded": root / "sharded"}
 
 
+def _differing(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The tensors that are not equal, with how far apart (so a failure says where to look)."""
+    out = {}
+    for k in want:
+        a, b = got.get(k), want[k]
+        if a is None:
+            out[k] = "missing"
+        elif not torch.equal(a, b):
+            gap = (a.double() - b.double()).abs().max().item() if a.shape == b.shape else "shape"
+            out[k] = f"{tuple(a.shape)} {a.dtype}: max |difference| {gap}"
+    return out
+
+
 @pytest.fixture(scope="module")
 def calib() -> torch.Tensor:
     return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -208,7 +221,7 @@ def test_cli_streams_past_max_memory(cli_checkpoint, capsys, monkeypatch):
     assert "streamed" not in capsys.readouterr().out
     got, want = _saved(d / "streamed")[0], _saved(d / "in_memory")[0]
     assert sorted(got) == sorted(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not _differing(got, want), _differing(got, want)
     assert (d / "streamed" / "tokenizer").is_dir()
 
 
@@ -276,7 +289,7 @@ def test_tied_embeddings_stay_one_tensor(tmp_path, calib):
     qcompile.save(ref, tmp_path / "in_memory")
     (got, got_manifest), (want, want_manifest) = _saved(tmp_path / "streamed"), _saved(tmp_path / "in_memory")
     assert got_manifest["tensors"] == want_manifest["tensors"]  # lm_head saved as an alias of the embedding
-    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(got) == sorted(want) and not _differing(got, want), _differing(got, want)
 
 
 @pytest.mark.parametrize("recipe", ["rtn-w8a8", "aweq-w8a8", "gptq-w4a16"])
@@ -296,7 +309,7 @@ def test_streamed_export_equals_in_memory_export(recipe, checkpoints, calib, tmp
 
     got, want = tensors(tmp_path / "streamed"), tensors(tmp_path / "mem")
     assert sorted(got) == sorted(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not _differing(got, want), _differing(got, want)
     configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("streamed", "mem")]
     for c in configs:
         c.pop("_name_or_path")  # the checkpoint directory each was read from
