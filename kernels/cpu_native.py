@@ -1,11 +1,13 @@
-"""The CPU helper kernels in C (``cpu_native_src.SOURCE``): build once per machine, call by ctypes.
+"""The CPU helper kernels in C (``cpu_native_src.SOURCE``, and the prefill attention kernel of
+``cpu_attention_src.SOURCE`` in the same library): build once per machine, call by ctypes.
 
 What they do (each equal, bit for bit, to the pure-torch reference operations it replaces, except
 the QUIK outlier columns' float dot product, equal to float32 rounding): activation quantization
 (symmetric int8 per token or per tensor; asymmetric per token for QUIK), the W8A8 and QUIK
 epilogues (QUIK's with its outlier columns' product), weight dequantization for the weight-only
 prefill path, and a small-M int8 GEMM (AVX-512 VNNI ``vpdpbusd``) that reads the stored int8
-weights as they are.
+weights as they are. (The attention kernel is not a torch operation's twin: it agrees with
+float32 attention to bf16 rounding; ``cpu_attention.py`` says how.)
 
 Build: on the first use, with the machine's C compiler (``$CC``, else ``cc``/``gcc``),
 ``-O3 -march=native -fopenmp -ffp-contract=off``, into ``$QCOMPILE_CACHE/cpu_kernels/`` (default

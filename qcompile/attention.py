@@ -51,17 +51,16 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     ([B, Q, H, D], None)."""
     b, h, q_len, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
+    scale = d ** -0.5 if scaling is None else scaling
     plain = not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     if q_len > 1 and plain and attention_mask is None:
         causal = _sdpa_is_causal(module, query, key, kwargs)
         if causal is not None and flash.supports(query, key, value, causal):
-            scale = d ** -0.5 if scaling is None else scaling
             return flash.flash_attention(query, key, value, scale, causal), None
     if q_len != 1 or not plain or h % hkv or value.shape[-1] != d:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = h // hkv
-    scale = d ** -0.5 if scaling is None else scaling
     q = query.reshape(b, hkv, groups, d).float()  # each key/value head's query heads as rows
     scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     if attention_mask is not None:

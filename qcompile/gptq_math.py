@@ -114,7 +114,7 @@ class HessianAccumulator:
     first read of ``h``): a layer's accumulators do not all hold memory before their turn.
 
     H is symmetric, so each batch updates its lower triangle only, in bands of
-    128 rows (rows i of columns <= the band's end: about 60% of the full product's
+    ``_HESSIAN_BAND`` (128) rows (rows i of columns <= the band's end: about 60% of the full product's
     work); reading ``h`` copies the strict lower triangle onto the upper one first, so the
     matrix read is exactly symmetric."""
 
