@@ -79,24 +79,36 @@ def _say_once(kind: str, message: str) -> None:
 
 
 def _stamp(t: Tensor | None) -> tuple | None:
-    return None if t is None else (id(t), t._version, t.data_ptr())
+    # a weak reference, not id(t): a replaced source is freed, and its successor can be given the
+    # same id, storage address and version 0 (the stale layout would then be used)
+    return None if t is None else (weakref.ref(t), t._version, t.data_ptr())
+
+
+def _unchanged(stamp: tuple, sources: tuple) -> bool:
+    """Each of ``sources`` is the tensor ``stamp`` recorded, not modified or moved since."""
+    for recorded, t in zip(stamp, sources):
+        if t is None or recorded is None:
+            if t is not recorded:
+                return False
+        elif recorded[0]() is not t or recorded[1] != t._version or recorded[2] != t.data_ptr():
+            return False
+    return True
 
 
 def _layout(owner: Tensor, kind: str, sources: tuple, build: Callable[[], object]) -> object:
     """``build()``, cached on ``owner`` (a stored tensor) under ``kind``, rebuilt when any of
     ``sources`` changed (identity, in-place version counter, storage)."""
-    stamp = tuple([_stamp(t) for t in sources])
     key = id(owner)
     entry = _layouts.get(key)
     if entry is None or entry[0]() is not owner:  # (a plain dict: torch's WeakIdKeyDictionary costs ~10 us a lookup)
         entry = _layouts[key] = (weakref.ref(owner, lambda _, key=key, d=_layouts: d.pop(key, None)), {})
     per_owner = entry[1]
     hit = per_owner.get(kind)
-    if hit is not None and hit[0] == stamp:
+    if hit is not None and _unchanged(hit[0], sources):
         return hit[1]
     value = build()
     layout_builds["count"] += 1
-    per_owner[kind] = (stamp, value)
+    per_owner[kind] = (tuple([_stamp(t) for t in sources]), value)
     return value
 
 
