@@ -41,15 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qcompile.formats import is_packed
-from qcompile.formats.cpu_layout import int4pack_layout, int8_colsum, int8pack_scale, quik_int8_weight
-from qcompile.kernels import cpu_native
+from qcompile.formats.cpu_layout import gemv_layout, int4pack_layout, int8_colsum, int8pack_scale, quik_int8_weight
+from qcompile.kernels import cpu_gemv, cpu_native
 from qcompile.kernels.w4a4_outlier_gemm import (split_outlier_columns, w4a4_outlier_linear_reference,
                                                 weight_bits_of)
 from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
 __all__ = ["w8a8_linear_cpu", "weight_only_linear_cpu", "w4a4_outlier_linear_cpu", "GEMV_MAX_M",
-           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "layout_builds", "fallbacks_said", "small_m_operands",
+           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "NATIVE_GEMV_MAX_M", "layout_builds", "fallbacks_said", "small_m_operands",
            "packed_weight_matmul"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
@@ -59,6 +59,7 @@ log = logging.getLogger("qcompile.kernels.cpu")
 GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above
 INT4PACK_MAX_M = 8      # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
 INT8PACK_MAX_M = 4      # weight-only 8-bit: _weight_int8pack_mm up to here, dequantize + F.linear above
+NATIVE_GEMV_MAX_M = 1   # weight-only, bf16 activations: qcompile's wo_gemv operator up to here
 _VNNI_MAX_K = 65792     # 255 * 128 * K < 2^31: the GEMV's int32 sums stay exact
 
 _FLOAT_CODES = cpu_native.DTYPE_CODE
@@ -347,14 +348,27 @@ def _dequantized(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
 
 def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None, bits: int,
                      group_size: int, in_features: int, dtype: torch.dtype) -> tuple | None:
-    """The packed-kernel operands of a weight-only layer for small-M calls with ``dtype``
-    activations, laid out once and cached against the stored tensors: ``(max_m, int4, weight,
-    scales, group, bias, out_features)`` for ``packed_weight_matmul``, or None when no packed kernel
-    takes the layer (said once per kind of shape). ``max_m``: the largest M the kernel is used for."""
-    k = in_features
-    n = qweight.shape[0]
+    """The small-M kernel operands of a weight-only layer for ``dtype`` activations, laid out once
+    and cached against the stored tensors: ``(max_m, kind, operands)`` for ``packed_weight_matmul``,
+    or None when no kernel takes the layer (said once per kind of shape). ``max_m``: the largest M
+    the kernel is used for; ``kind``: "gemv" (bf16 activations: qcompile's own operator,
+    ``cpu_gemv``), "int4pack" or "int8pack" (torch's packed kernels)."""
     if dtype not in _FLOAT_CODES or qweight.stride(1) != 1:
         return None
+    packed = _torch_packed_operands(qweight, scale, zero, bias, bits, group_size, in_features, dtype)
+    if dtype == torch.bfloat16 and cpu_gemv.available():
+        lay = _layout(qweight, "gemv", (qweight, scale, zero, bias),
+                      lambda: gemv_layout(qweight, scale, zero, bias, bits, group_size, in_features))
+        if lay is not None:  # M = 1 on the operator, larger M on torch's packed kernel (if any)
+            return (NATIVE_GEMV_MAX_M if packed is None else max(NATIVE_GEMV_MAX_M, packed[0]), "gemv",
+                    (lay, packed))
+    return packed
+
+
+def _torch_packed_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None, bits: int,
+                           group_size: int, in_features: int, dtype: torch.dtype) -> tuple | None:
+    k = in_features
+    n = qweight.shape[0]
 
     def bias_in_dtype() -> Tensor | None:
         return None if bias is None else _layout(qweight, f"bias:{dtype}", (bias,), lambda: bias.to(dtype))
@@ -363,7 +377,7 @@ def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: 
         lay = _layout(qweight, f"int4pack:{dtype}", (qweight, scale, zero),
                       lambda: int4pack_layout(qweight, scale, zero, bits, group_size, k, dtype))
         if lay is not None:
-            return (INT4PACK_MAX_M, True, lay[0], lay[1], lay[2], bias_in_dtype(), n)
+            return (INT4PACK_MAX_M, "int4pack", (lay[0], lay[1], lay[2], bias_in_dtype(), n))
         _say_once(f"int4pack:shape:{k % 32 != 0}:{n % 16 != 0}:{group_size}",
                   f"weight-only {bits}-bit, K={k}, N={n}, group {group_size or 'per row'}: "
                   "_weight_int4pack_mm_for_cpu needs N % 16 == 0 and a group of 32..256 dividing K; "
@@ -373,7 +387,7 @@ def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: 
     # torch 2.13's bf16/fp16 _weight_int8pack_mm reads past the row when K % 16 != 0 (segfaults)
     if per_row and k % 16 == 0:
         s = _layout(qweight, f"int8pack_scale:{dtype}", (scale,), lambda: int8pack_scale(scale, dtype))
-        return (INT8PACK_MAX_M, False, qweight, s, 0, bias_in_dtype(), n)
+        return (INT8PACK_MAX_M, "int8pack", (qweight, s, 0, bias_in_dtype(), n))
     _say_once(f"int8pack:{zero is not None}:{group_size}:{k % 16 == 0}",
               f"weight-only {bits}-bit {'asymmetric ' if zero is not None else ''}"
               f"group {group_size or 'per row'}, K={k}: _weight_int8pack_mm takes symmetric per-row "
@@ -383,11 +397,17 @@ def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: 
 
 
 def packed_weight_matmul(x: Tensor, operands: tuple) -> Tensor:
-    """``x`` [..., K] times the layer of ``small_m_operands`` (plain torch ops: ``torch.compile``
-    traces them, so a compiled decode step calls the packed kernels straight, without the custom op)."""
-    _, int4, w, s, g, b, n = operands
+    """``x`` [..., K] times the layer of ``small_m_operands`` (torch operators only: ``torch.compile``
+    traces them, so a compiled decode step calls the kernels straight, without the custom op)."""
+    _, kind, ops = operands
+    if kind == "gemv":
+        layout, packed = ops
+        if packed is None or x.numel() <= NATIVE_GEMV_MAX_M * x.shape[-1]:
+            return cpu_gemv.wo_gemv(x, layout)
+        _, kind, ops = packed
+    w, s, g, b, n = ops
     x2 = x.reshape(-1, x.shape[-1])
-    if int4:
+    if kind == "int4pack":
         y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), w, g, s)
     else:
         y = torch._weight_int8pack_mm(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, s)

@@ -34,7 +34,7 @@ import torch
 from qcompile.kernels.cpu_attention_src import SOURCE as _ATTENTION_SOURCE
 from qcompile.kernels.cpu_native_src import SOURCE as _HELPER_SOURCE
 
-__all__ = ["lib", "available", "has_vnni", "DTYPE_CODE", "build_error"]
+__all__ = ["lib", "available", "has_vnni", "DTYPE_CODE", "build_error", "build_shared_library", "disabled"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
 
@@ -57,22 +57,36 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256("\0".join([SOURCE, *_FLAGS, cc, version, os.uname().machine]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"qcompile_cpu_{key}.so"
+def build_shared_library(name: str, source: str, compiler: str, flags: list[str], suffix: str = ".c",
+                         link: list[str] = (), key_extra: str = "") -> Path:
+    """``source`` compiled into ``$QCOMPILE_CACHE/cpu_kernels/<name>_<hash>.so`` (built once: the
+    hash covers the source, flags, compiler and its version, the machine and ``key_extra``;
+    written atomically, so concurrent builders do not collide). Raises RuntimeError on a failed build."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    parts = [source, *flags, *link, compiler, version, os.uname().machine, key_extra]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{name}_{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "qcompile_cpu.c"
-        src.write_text(SOURCE)
-        so = Path(tmp) / "qcompile_cpu.so"
-        res = subprocess.run([cc, *_FLAGS, str(src), "-o", str(so)], capture_output=True, text=True)
+        src = Path(tmp) / f"{name}{suffix}"
+        src.write_text(source)
+        so = Path(tmp) / f"{name}.so"
+        res = subprocess.run([compiler, *flags, str(src), "-o", str(so), *link], capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr[-2000:]}")
+            raise RuntimeError(f"{compiler} failed: {res.stderr[-2000:]}")
         os.replace(so, out)  # atomic: another process may be building the same file
     return out
+
+
+def disabled() -> bool:
+    """``QCOMPILE_CPU_NATIVE=0`` (or false/off/no) turns every native CPU kernel off."""
+    return os.environ.get("QCOMPILE_CPU_NATIVE", "1").lower() in ("0", "false", "off", "no")
+
+
+def _build(cc: str) -> Path:
+    return build_shared_library("qcompile_cpu", SOURCE, cc, _FLAGS)
 
 
 def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
@@ -102,7 +116,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
 def lib() -> ctypes.CDLL | None:
     """The loaded helper library, or None (disabled, no compiler, or the build failed: logged once)."""
     global _build_error
-    if os.environ.get("QCOMPILE_CPU_NATIVE", "1").lower() in ("0", "false", "off", "no"):
+    if disabled():
         _build_error = "disabled by QCOMPILE_CPU_NATIVE=0"
         return None
     cc = _compiler()

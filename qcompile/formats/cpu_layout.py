@@ -13,16 +13,17 @@ re-laid-out per call. Plain torch only (the format layer imports nothing else).
 | QUIK W4 | ``unpack_int4(qweight)`` int8 [N, Kq] (int4 values are int8 values) + ``colsum`` | both of the above |
 | weight-only W4/W3 (packed) | ``_convert_weight_to_int4pack_for_cpu(q + 8)`` + scales/zeros [K/g, N, 2] | ``torch._weight_int4pack_mm_for_cpu`` |
 | weight-only W8 (symmetric, per row) | ``qweight`` as stored + ``scale`` [N] in the activation dtype | ``torch._weight_int8pack_mm`` |
+| weight-only any bits, bf16 decode | ``gemv_layout``: unsigned levels in 32-byte steps of 16 outputs + scales and corrections [T, G, 16] | ``qcompile_cpu::wo_gemv`` |
 """
 
 from __future__ import annotations
 
 import torch
 
-from qcompile.formats.numerics import unpack_int4, unpack_weight
+from qcompile.formats.numerics import is_packed, unpack_int4, unpack_weight
 
 __all__ = ["INT4PACK_GROUPS", "int4pack_group", "int4pack_layout", "int8_colsum", "quik_int8_weight",
-           "int8pack_scale"]
+           "int8pack_scale", "gemv_layout"]
 
 # group sizes _weight_int4pack_mm_for_cpu accepts (it also needs N % 16 == 0 and K % group == 0)
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -88,3 +89,57 @@ def int4pack_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 def int8pack_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-row scales [N] in the activation dtype, as ``torch._weight_int8pack_mm`` takes them."""
     return scale.reshape(-1).to(dtype).contiguous()
+
+
+# what the bf16 accumulation of ``wo_gemv`` adds to each level besides the level itself (see
+# kernels/cpu_gemv_src.py): 128 for one nibble (128 + v), 128 + 16 * 128 for a byte split in two
+_GEMV_OFFSET = {4: 128.0, 8: 2176.0}
+
+
+def gemv_layout(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
+                bits: int, group_size: int, in_features: int) -> tuple | None:
+    """The operands of ``torch.ops.qcompile_cpu.wo_gemv`` for a weight-only layer: ``(w, scale,
+    corr, bias, kind, group_steps, N)``, or None when its groups do not fall on whole steps.
+
+    ``w`` uint8 [T, S, 32]: T = ceil(N / 16) tiles of 16 outputs (the last padded with zero rows),
+    S steps of 4 k (``kind`` 4: packed 3/4-bit levels, one nibble each) or 2 k (``kind`` 8: byte
+    levels), byte 2i + p of a step holding output i: kind 4 packs k = 4j + p in the low and
+    k = 4j + 2 + p in the high nibble; kind 8 holds the level of k = 2j + p. Levels are unsigned:
+    u = q + 2^(bits-1) with zero point zp = 2^(bits-1) when symmetric, the stored u and zero
+    point otherwise. ``scale`` and ``corr`` float32 [T, G, 16]: s and s * (offset + zp) per
+    output and group of ``group_steps`` steps (one group for per-row scales)."""
+    k, n = in_features, qweight.shape[0]
+    asym = zero is not None
+    kind = 4 if is_packed(qweight, bits) else 8
+    per_step = 4 if kind == 4 else 2
+    steps = -(-k // per_step)
+    per_row = group_size <= 0 or group_size >= k
+    if not per_row and group_size % per_step:
+        return None
+    group_steps = steps if per_row else group_size // per_step
+    groups = -(-steps // group_steps)
+    q = unpack_weight(qweight, bits, k, asym).to(torch.int32)
+    offset = 0 if asym else (1 << (bits - 1)) if kind == 4 else 128
+    tiles = -(-n // 16)
+    u = torch.zeros(tiles * 16, steps * per_step, dtype=torch.int32)
+    u[:n, :k] = q + offset
+    if kind == 4:  # [T, 16, S, 4] -> bytes (k 4j+p | k 4j+2+p << 4) at [T, S, 16, 2]
+        u4 = u.reshape(tiles, 16, steps, 4)
+        byte = u4[..., 0:2] | (u4[..., 2:4] << 4)
+    else:
+        byte = u.reshape(tiles, 16, steps, 2)
+    w = byte.permute(0, 2, 1, 3).to(torch.uint8).reshape(tiles, steps, 32).contiguous()
+    s = scale.float().reshape(n, -1)
+    zp = zero.float().reshape(n, -1) if asym else torch.full_like(s, float(offset))
+    if s.shape[1] != groups:
+        s = s.expand(n, groups)
+        zp = zp.expand(n, groups)
+    corr = s * (_GEMV_OFFSET[kind] + zp)
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(tiles * 16, groups, dtype=torch.float32)
+        full[:n] = t
+        return full.reshape(tiles, 16, groups).permute(0, 2, 1).contiguous()
+
+    b = None if bias is None else bias.float().reshape(n).contiguous()
+    return w, tiled(s), tiled(corr), b, kind, group_steps, n
