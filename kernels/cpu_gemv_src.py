@@ -40,7 +40,7 @@ namespace {
 
 constexpr int kStepBytes = 32;
 constexpr int kLanes = 16;
-constexpr int kMaxRows = 4;  // activation rows per pass over a weight tile
+constexpr int kMaxRows = 8;  // activation rows per pass over a weight tile
 constexpr int64_t kMinTaskBytes = 32768;  // weight bytes per thread below which a call is not split
 #ifndef QC_PREFETCH_STEPS
 #define QC_PREFETCH_STEPS 32  // software prefetch distance in steps of 32 bytes (1 KiB)
@@ -49,19 +49,22 @@ constexpr int64_t kMinTaskBytes = 32768;  // weight bytes per thread below which
 #if QC_HAVE_BF16
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-// rows 0..M-1 of one tile of 16 outputs: acc = sum_g s_g * A_g - c_g * X_g
+// rows 0..M-1 of one tile of 16 outputs: acc = sum_g s_g * A_g - c_g * X_g. Each row keeps C
+// independent float32 chains (4 for one or two rows, to hide vdpbf16ps's latency; 2 above, to
+// stay within the 32 vector registers)
 template <int M>
 static void tile_rows(const uint8_t* w, int64_t steps, int64_t group_steps, int64_t groups,
                       const uint32_t* lo, const uint32_t* hi, int64_t x_step, int64_t x_row,
                       const float* xsum, const float* sc, const float* cc, __m512* total) {
+  constexpr int C = M <= 2 ? 4 : 2;
   const __m512i nibble = _mm512_set1_epi16(0x000F);
   const __m512i magic = _mm512_set1_epi16(0x4300);  // bf16 128.0
   for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t s0 = g * group_steps, s1 = std::min(steps, s0 + group_steps);
-    __m512 a[M][4];
+    __m512 a[M][C];
     for (int m = 0; m < M; ++m)
-      for (int c = 0; c < 4; ++c) a[m][c] = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) a[m][c] = _mm512_setzero_ps();
     int64_t s = s0;
     for (; s + 2 <= s1; s += 2) {
       _mm_prefetch((const char*)(w + (s + QC_PREFETCH_STEPS) * kStepBytes), _MM_HINT_T0);
@@ -77,8 +80,8 @@ static void tile_rows(const uint8_t* w, int64_t steps, int64_t group_steps, int6
         const uint32_t* hm = hi + m * x_row + s * x_step;
         a[m][0] = _mm512_dpbf16_ps(a[m][0], as_bh(_mm512_set1_epi32((int)lm[0])), l0);
         a[m][1] = _mm512_dpbf16_ps(a[m][1], as_bh(_mm512_set1_epi32((int)hm[0])), h0);
-        a[m][2] = _mm512_dpbf16_ps(a[m][2], as_bh(_mm512_set1_epi32((int)lm[x_step])), l1);
-        a[m][3] = _mm512_dpbf16_ps(a[m][3], as_bh(_mm512_set1_epi32((int)hm[x_step])), h1);
+        a[m][C - 2] = _mm512_dpbf16_ps(a[m][C - 2], as_bh(_mm512_set1_epi32((int)lm[x_step])), l1);
+        a[m][C - 1] = _mm512_dpbf16_ps(a[m][C - 1], as_bh(_mm512_set1_epi32((int)hm[x_step])), h1);
       }
     }
     if (s < s1) {
@@ -93,7 +96,8 @@ static void tile_rows(const uint8_t* w, int64_t steps, int64_t group_steps, int6
     const __m512 sg = _mm512_loadu_ps(sc + g * kLanes);
     const __m512 cg = _mm512_loadu_ps(cc + g * kLanes);
     for (int m = 0; m < M; ++m) {
-      const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
+      __m512 sum = _mm512_add_ps(a[m][0], a[m][1]);
+      if constexpr (C == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(a[m][2], a[m][3]));
       total[m] = _mm512_fmadd_ps(sg, sum, total[m]);
       total[m] = _mm512_fnmadd_ps(cg, _mm512_set1_ps(xsum[m * groups + g]), total[m]);
     }
@@ -209,10 +213,10 @@ at::Tensor wo_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
         const uint32_t* hr = hi + r0 * st.x_row;
         const float* xs = st.xsum.data() + r0 * groups;
         switch (rows) {
-          case 1: tile_rows<1>(wt, steps, group_steps, groups, lr, hr, st.x_step, st.x_row, xs, sct, cct, total); break;
-          case 2: tile_rows<2>(wt, steps, group_steps, groups, lr, hr, st.x_step, st.x_row, xs, sct, cct, total); break;
-          case 3: tile_rows<3>(wt, steps, group_steps, groups, lr, hr, st.x_step, st.x_row, xs, sct, cct, total); break;
-          default: tile_rows<4>(wt, steps, group_steps, groups, lr, hr, st.x_step, st.x_row, xs, sct, cct, total); break;
+#define QC_ROWS(R) case R: tile_rows<R>(wt, steps, group_steps, groups, lr, hr, st.x_step, st.x_row, xs, sct, cct, total); break;
+          QC_ROWS(1) QC_ROWS(2) QC_ROWS(3) QC_ROWS(4) QC_ROWS(5) QC_ROWS(6) QC_ROWS(7)
+          default: tile_rows<8>(wt, steps, group_steps, groups, lr, hr, st.x_step, st.x_row, xs, sct, cct, total); break;
+#undef QC_ROWS
         }
         for (int r = 0; r < rows; ++r) {
           const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(total[r], bv));

@@ -43,7 +43,7 @@ def _bound(x, args):
 
 @pytest.mark.parametrize("bits,gran,sym", SCHEMES, ids=str)
 @pytest.mark.parametrize("k,n", [(7, 1), (77, 45), (256, 48), (576, 17), (1000, 33)])
-@pytest.mark.parametrize("m", [1, 3, 6])
+@pytest.mark.parametrize("m", [1, 3, 6, 11])
 def test_gemv_matches_the_float32_reference(bits, gran, sym, k, n, m):
     args, g = _layer(bits, gran, sym, k, n, seed=bits * 1000 + k + n + m)
     lay = gemv_layout(args[0], args[1], args[2], args[3], bits, args[5], k)
