@@ -15,10 +15,12 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
   in order, reading the activation in place: no [M, N] float32 temporary, no separate GEMM call).
   Without outlier columns it equals ``w4a4_outlier_linear_reference`` bit for bit; with them, to
   float32 rounding of that k_out-term dot product (the reference's BLAS sums in its own order).
-- ``weight_only_linear_cpu``: for M <= ``INT4PACK_MAX_M`` packed 4/3-bit weights run
-  ``torch._weight_int4pack_mm_for_cpu``, for M <= ``INT8PACK_MAX_M`` symmetric per-row int8 weights
-  ``torch._weight_int8pack_mm`` (equal to the reference to float rounding: the kernels fold the
-  scales in their own order); otherwise the weight is dequantized natively (the reference's float32
+- ``weight_only_linear_cpu``: bf16 activations with M <= ``NATIVE_GEMV_MAX_M`` (32 rows for
+  3/4-bit weights, 16 for 8-bit) run qcompile's own operator ``qcompile_cpu::wo_gemv``
+  (``cpu_gemv``: no weight rounded, output to bf16 rounding); float32/float16 activations with
+  M <= ``INT4PACK_MAX_M`` packed 4/3-bit weights run ``torch._weight_int4pack_mm_for_cpu``, for
+  M <= ``INT8PACK_MAX_M`` symmetric per-row int8 weights ``torch._weight_int8pack_mm`` (equal to
+  the reference to float rounding: the kernels fold the scales in their own order); otherwise the weight is dequantized natively (the reference's float32
   arithmetic, one pass) and ``F.linear`` runs on it: equal to ``weight_only_linear_reference``
   bit for bit.
 
@@ -49,7 +51,7 @@ from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
 __all__ = ["w8a8_linear_cpu", "weight_only_linear_cpu", "w4a4_outlier_linear_cpu", "GEMV_MAX_M",
-           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "NATIVE_GEMV_MAX_M", "layout_builds", "fallbacks_said", "small_m_operands",
+           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "NATIVE_GEMV_MAX_M", "SMALL_M_MAX", "layout_builds", "fallbacks_said", "small_m_operands",
            "packed_weight_matmul"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
@@ -59,7 +61,10 @@ log = logging.getLogger("qcompile.kernels.cpu")
 GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above
 INT4PACK_MAX_M = 8      # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
 INT8PACK_MAX_M = 4      # weight-only 8-bit: _weight_int8pack_mm up to here, dequantize + F.linear above
-NATIVE_GEMV_MAX_M = 1   # weight-only, bf16 activations: qcompile's wo_gemv operator up to here
+# weight-only, bf16 activations: qcompile's wo_gemv operator up to here (by layout kind: nibble
+# levels, byte levels), dequantize + F.linear above
+NATIVE_GEMV_MAX_M = {4: 32, 8: 16}
+SMALL_M_MAX = max(INT4PACK_MAX_M, INT8PACK_MAX_M, *NATIVE_GEMV_MAX_M.values())
 _VNNI_MAX_K = 65792     # 255 * 128 * K < 2^31: the GEMV's int32 sums stay exact
 
 _FLOAT_CODES = cpu_native.DTYPE_CODE
@@ -355,14 +360,12 @@ def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: 
     ``cpu_gemv``), "int4pack" or "int8pack" (torch's packed kernels)."""
     if dtype not in _FLOAT_CODES or qweight.stride(1) != 1:
         return None
-    packed = _torch_packed_operands(qweight, scale, zero, bias, bits, group_size, in_features, dtype)
     if dtype == torch.bfloat16 and cpu_gemv.available():
         lay = _layout(qweight, "gemv", (qweight, scale, zero, bias),
                       lambda: gemv_layout(qweight, scale, zero, bias, bits, group_size, in_features))
-        if lay is not None:  # M = 1 on the operator, larger M on torch's packed kernel (if any)
-            return (NATIVE_GEMV_MAX_M if packed is None else max(NATIVE_GEMV_MAX_M, packed[0]), "gemv",
-                    (lay, packed))
-    return packed
+        if lay is not None:
+            return (NATIVE_GEMV_MAX_M[lay[4]], "gemv", lay)
+    return _torch_packed_operands(qweight, scale, zero, bias, bits, group_size, in_features, dtype)
 
 
 def _torch_packed_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None, bits: int,
@@ -401,10 +404,7 @@ def packed_weight_matmul(x: Tensor, operands: tuple) -> Tensor:
     traces them, so a compiled decode step calls the kernels straight, without the custom op)."""
     _, kind, ops = operands
     if kind == "gemv":
-        layout, packed = ops
-        if packed is None or x.numel() <= NATIVE_GEMV_MAX_M * x.shape[-1]:
-            return cpu_gemv.wo_gemv(x, layout)
-        _, kind, ops = packed
+        return cpu_gemv.wo_gemv(x, ops)
     w, s, g, b, n = ops
     x2 = x.reshape(-1, x.shape[-1])
     if kind == "int4pack":
@@ -423,7 +423,7 @@ def weight_only_linear_cpu(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tens
     k = in_features
     m = x.numel() // k if k else 0
     dtype = x.dtype
-    if 0 < m <= INT4PACK_MAX_M:
+    if 0 < m <= SMALL_M_MAX:
         ops = small_m_operands(qweight, scale, zero, bias, bits, group_size, k, dtype)
         if ops is not None and m <= ops[0]:
             return packed_weight_matmul(x, ops)

@@ -87,15 +87,18 @@ def test_layout_packs_the_documented_nibbles():
                 assert byte & 15 == u[i, 4 * j + p] and byte >> 4 == u[i, 4 * j + 2 + p]
 
 
-def test_bf16_decode_calls_take_the_operator_and_larger_calls_torch_kernels():
+def test_bf16_small_m_calls_take_the_operator_and_larger_calls_the_reference_arithmetic():
     args, g = _layer(4, PerRow(), True, 256, 48, seed=3)
     ops = cl.small_m_operands(args[0], args[1], args[2], args[3], 4, args[5], 256, torch.bfloat16)
-    assert ops[1] == "gemv" and ops[2][1][1] == "int4pack" and ops[0] == cl.INT4PACK_MAX_M
+    assert ops[1] == "gemv" and ops[0] == cl.NATIVE_GEMV_MAX_M[4]
     assert cl.small_m_operands(args[0], args[1], args[2], args[3], 4, args[5], 256, torch.float32)[1] == "int4pack"
-    x1 = torch.randn(1, 256, generator=g).bfloat16()
-    assert torch.equal(cl.weight_only_linear_cpu(x1, *args), cpu_gemv.wo_gemv(x1, ops[2][0]))
-    x4 = torch.randn(4, 256, generator=g).bfloat16()
-    assert torch.equal(cl.weight_only_linear_cpu(x4, *args), cl.packed_weight_matmul(x4, ops[2][1]))
+    for m in (1, ops[0]):
+        x = torch.randn(m, 256, generator=g).bfloat16()
+        assert torch.equal(cl.weight_only_linear_cpu(x, *args), cpu_gemv.wo_gemv(x, ops[2]))
+    x = torch.randn(ops[0] + 1, 256, generator=g).bfloat16()
+    assert torch.equal(cl.weight_only_linear_cpu(x, *args), weight_only_linear_reference(x, *args))
+    args8, _ = _layer(8, PerRow(), True, 256, 48, seed=5)
+    assert cl.small_m_operands(args8[0], args8[1], args8[2], args8[3], 8, 0, 256, torch.bfloat16)[0] == 16
 
 
 def test_the_compiled_call_runs_the_operator():

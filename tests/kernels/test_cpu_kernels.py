@@ -138,7 +138,7 @@ def test_weight_only_prefill_path_equals_the_reference_bit_for_bit(bits, gran, s
     g = _gen(bits * k + n)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, gran, sym)
     args = (pack_weight(qw.q, bits), qw.scale, qw.zero, torch.randn(n, generator=g), bits, qw.group_size, k)
-    x = torch.randn(3, cl.INT4PACK_MAX_M + 2, k, generator=g).to(dtype)  # above every small-M threshold
+    x = torch.randn(3, cl.SMALL_M_MAX // 3 + 1, k, generator=g).to(dtype)  # above every small-M threshold
     assert torch.equal(cl.weight_only_linear_cpu(x, *args), weight_only_linear_reference(x, *args))
 
 
