@@ -1,6 +1,6 @@
 """C++ source of the weight-only decode GEMV, a real torch operator (``torch.ops.qcompile_cpu.wo_gemv``).
 
-Built and loaded by ``cpu_gemv.py``; the weight layout it reads is ``formats.cpu_layout.gemv_layout``.
+Its head (includes, ``QC_HAVE_BF16``) starts the operator library ``cpu_ops.py`` builds; the weight layout it reads is ``formats.cpu_layout.gemv_layout``.
 
 The arithmetic, for bf16 activations x and unsigned weight levels u with a zero point zp and a
 scale s per (output, group): y[n] = sum_g s[n,g] * sum_{k in g} x[k] * (u[n,k] - zp[n,g]).
@@ -26,6 +26,7 @@ SOURCE = r"""
 #include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -229,17 +230,5 @@ at::Tensor wo_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return out;
 }
 
-bool wo_gemv_available() { return QC_HAVE_BF16; }
-
 }  // namespace
-
-TORCH_LIBRARY(qcompile_cpu, m) {
-  m.def("wo_gemv(Tensor x, Tensor w, Tensor scale, Tensor corr, Tensor? bias, int bits, int group_steps, int n) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(qcompile_cpu, CPU, m) {
-  m.impl("wo_gemv", &wo_gemv);
-}
-
-extern "C" int qc_gemv_available() { return wo_gemv_available() ? 1 : 0; }
 """

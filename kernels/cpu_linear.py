@@ -17,7 +17,7 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
   float32 rounding of that k_out-term dot product (the reference's BLAS sums in its own order).
 - ``weight_only_linear_cpu``: bf16 activations with M <= ``NATIVE_GEMV_MAX_M`` (32 rows for
   3/4-bit weights, 16 for 8-bit) run qcompile's own operator ``qcompile_cpu::wo_gemv``
-  (``cpu_gemv``: no weight rounded, output to bf16 rounding); float32/float16 activations with
+  (``cpu_ops``: no weight rounded, output to bf16 rounding); float32/float16 activations with
   M <= ``INT4PACK_MAX_M`` packed 4/3-bit weights run ``torch._weight_int4pack_mm_for_cpu``, for
   M <= ``INT8PACK_MAX_M`` symmetric per-row int8 weights ``torch._weight_int8pack_mm`` (equal to
   the reference to float rounding: the kernels fold the scales in their own order); otherwise the weight is dequantized natively (the reference's float32
@@ -44,7 +44,7 @@ from torch import Tensor
 
 from qcompile.formats import is_packed
 from qcompile.formats.cpu_layout import gemv_layout, int4pack_layout, int8_colsum, int8pack_scale, quik_int8_weight
-from qcompile.kernels import cpu_gemv, cpu_native
+from qcompile.kernels import cpu_native, cpu_ops
 from qcompile.kernels.w4a4_outlier_gemm import (split_outlier_columns, w4a4_outlier_linear_reference,
                                                 weight_bits_of)
 from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
@@ -357,10 +357,10 @@ def small_m_operands(qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: 
     and cached against the stored tensors: ``(max_m, kind, operands)`` for ``packed_weight_matmul``,
     or None when no kernel takes the layer (said once per kind of shape). ``max_m``: the largest M
     the kernel is used for; ``kind``: "gemv" (bf16 activations: qcompile's own operator,
-    ``cpu_gemv``), "int4pack" or "int8pack" (torch's packed kernels)."""
+    ``cpu_ops``), "int4pack" or "int8pack" (torch's packed kernels)."""
     if dtype not in _FLOAT_CODES or qweight.stride(1) != 1:
         return None
-    if dtype == torch.bfloat16 and cpu_gemv.available():
+    if dtype == torch.bfloat16 and cpu_ops.available():
         lay = _layout(qweight, "gemv", (qweight, scale, zero, bias),
                       lambda: gemv_layout(qweight, scale, zero, bias, bits, group_size, in_features))
         if lay is not None:
@@ -404,7 +404,7 @@ def packed_weight_matmul(x: Tensor, operands: tuple) -> Tensor:
     traces them, so a compiled decode step calls the kernels straight, without the custom op)."""
     _, kind, ops = operands
     if kind == "gemv":
-        return cpu_gemv.wo_gemv(x, ops)
+        return cpu_ops.wo_gemv(x, ops)
     w, s, g, b, n = ops
     x2 = x.reshape(-1, x.shape[-1])
     if kind == "int4pack":

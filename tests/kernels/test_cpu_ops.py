@@ -7,11 +7,11 @@ import torch
 import qcompile  # noqa: F401
 from qcompile.formats import PerGroup, PerRow, pack_weight, quantize_weight
 from qcompile.formats.cpu_layout import gemv_layout
-from qcompile.kernels import cpu_gemv
+from qcompile.kernels import cpu_ops
 from qcompile.kernels import cpu_linear as cl
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
-pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason=f"no native GEMV: {cpu_gemv.build_error()}")
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason=f"no native GEMV: {cpu_ops.build_error()}")
 
 SCHEMES = [(4, PerRow(), True), (4, PerGroup(32), False), (4, PerGroup(64), True), (3, PerRow(), True),
            (3, PerGroup(32), False), (8, PerRow(), True), (8, PerGroup(32), False), (4, PerGroup(128), False),
@@ -51,7 +51,7 @@ def test_gemv_matches_the_float32_reference(bits, gran, sym, k, n, m):
         assert args[5] % (4 if bits <= 4 else 2)  # only groups that do not fall on whole steps are refused
         return
     x = torch.randn(2, m, k, generator=g).bfloat16()
-    got = cpu_gemv.wo_gemv(x, lay)
+    got = cpu_ops.wo_gemv(x, lay)
     ref = weight_only_linear_reference(x.float(), *args)
     assert got.dtype == torch.bfloat16 and got.shape == (2, m, n)
     err = (got.float() - ref).abs()
@@ -65,11 +65,11 @@ def test_gemv_reads_strided_rows_and_refuses_what_it_cannot_take():
     args, g = _layer(4, PerGroup(32), True, 96, 40, seed=1)
     lay = gemv_layout(args[0], args[1], args[2], args[3], 4, args[5], 96)
     x = torch.randn(3, 200, generator=g).bfloat16()[:, 10:106]  # rows 200 apart
-    assert torch.equal(cpu_gemv.wo_gemv(x, lay), cpu_gemv.wo_gemv(x.contiguous(), lay))
+    assert torch.equal(cpu_ops.wo_gemv(x, lay), cpu_ops.wo_gemv(x.contiguous(), lay))
     with pytest.raises(RuntimeError, match="bf16"):
-        cpu_gemv.wo_gemv(x.float(), lay)
+        cpu_ops.wo_gemv(x.float(), lay)
     with pytest.raises(RuntimeError, match="features"):
-        cpu_gemv.wo_gemv(torch.randn(1, 50).bfloat16(), lay)
+        cpu_ops.wo_gemv(torch.randn(1, 50).bfloat16(), lay)
     assert gemv_layout(args[0], args[1], args[2], args[3], 4, 6, 96) is None  # groups of 6: not whole steps
 
 
@@ -94,7 +94,7 @@ def test_bf16_small_m_calls_take_the_operator_and_larger_calls_the_reference_ari
     assert cl.small_m_operands(args[0], args[1], args[2], args[3], 4, args[5], 256, torch.float32)[1] == "int4pack"
     for m in (1, ops[0]):
         x = torch.randn(m, 256, generator=g).bfloat16()
-        assert torch.equal(cl.weight_only_linear_cpu(x, *args), cpu_gemv.wo_gemv(x, ops[2]))
+        assert torch.equal(cl.weight_only_linear_cpu(x, *args), cpu_ops.wo_gemv(x, ops[2]))
     x = torch.randn(ops[0] + 1, 256, generator=g).bfloat16()
     assert torch.equal(cl.weight_only_linear_cpu(x, *args), weight_only_linear_reference(x, *args))
     args8, _ = _layer(8, PerRow(), True, 256, 48, seed=5)
@@ -105,5 +105,56 @@ def test_the_compiled_call_runs_the_operator():
     args, g = _layer(8, PerRow(), True, 64, 32, seed=4)
     lay = gemv_layout(args[0], args[1], args[2], args[3], 8, args[5], 64)
     x = torch.randn(1, 64, generator=g).bfloat16()
-    compiled = torch.compile(lambda v: cpu_gemv.wo_gemv(v, lay) * 2, fullgraph=True)
-    assert torch.equal(compiled(x), cpu_gemv.wo_gemv(x, lay) * 2)
+    compiled = torch.compile(lambda v: cpu_ops.wo_gemv(v, lay) * 2, fullgraph=True)
+    assert torch.equal(compiled(x), cpu_ops.wo_gemv(x, lay) * 2)
+
+
+# ------------------------------------------------------------------------------ decode attention
+
+def _attention_reference(q, k, v, mask, scale):
+    """float64 softmax(q k^T scale + mask) v, [B, 1, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(groups, 1)
+    vv = v.double().repeat_interleave(groups, 1)
+    s = (q.double() @ kk.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return (torch.softmax(s, -1) @ vv).transpose(1, 2)
+
+
+@pytest.mark.parametrize("b,heads,kv_heads,length,d", [(1, 9, 3, 256, 64), (2, 4, 4, 1, 32), (1, 16, 1, 17, 96),
+                                                       (2, 6, 2, 300, 128), (1, 2, 2, 15, 256)])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "per_head", "float", "bf16"])
+def test_decode_attention_matches_float64_attention(b, heads, kv_heads, length, d, mask_kind):
+    g = torch.Generator().manual_seed(heads * length + d)
+    # key/value as the first `length` rows of a longer static cache; query as transformers passes it
+    cache = torch.randn(2, b, kv_heads, length + 7, d, generator=g).bfloat16() * 2
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]
+    q = torch.randn(b, 1, heads, d, generator=g).bfloat16().transpose(1, 2)
+    visible = torch.rand(b, 1, 1, length, generator=g) > 0.3
+    visible[..., -1] = True
+    mask = {None: None, "bool": visible, "per_head": visible.expand(b, heads, 1, length).clone(),
+            "float": torch.where(visible, 0.0, -1e4), "bf16": torch.where(visible, 0.0, -1e4).bfloat16()}[mask_kind]
+    assert cpu_ops.decode_attention_supports(q, k, v, mask)
+    got = cpu_ops.decode_attention(q, k, v, mask, d ** -0.5)
+    ref = _attention_reference(q, k, v, None if mask is None else mask, d ** -0.5)
+    assert got.shape == (b, 1, heads, d) and got.dtype == torch.bfloat16
+    # the output's bf16 rounding (unit roundoff 2^-8 relative) plus float32-level slack
+    err = (got.double() - ref).abs()
+    assert (err <= 2.0 ** -8 * ref.abs() + 1e-5 * v.abs().max().double()).all(), float(err.max())
+
+
+def test_decode_attention_edge_cases_and_refusals():
+    q = torch.randn(1, 4, 1, 32).bfloat16()
+    k = torch.randn(1, 2, 5, 32).bfloat16()
+    v = torch.randn(1, 2, 5, 32).bfloat16()
+    nothing = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
+    assert torch.isnan(cpu_ops.decode_attention(q, k, v, nothing, 0.2)).all()  # softmax over no key
+    assert not cpu_ops.decode_attention_supports(q[..., :24], k[..., :24], v[..., :24], None)  # D % 32
+    assert not cpu_ops.decode_attention_supports(q.float(), k.float(), v.float(), None)
+    assert not cpu_ops.decode_attention_supports(torch.randn(1, 4, 2, 32).bfloat16(), k, v, None)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_ops.decode_attention(q[..., :24], k[..., :24], v[..., :24], None, 0.2)
+    compiled = torch.compile(lambda a, b_, c, m: cpu_ops.decode_attention(a, b_, c, m, 0.2), fullgraph=True)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    assert torch.equal(compiled(q, k, v, mask), cpu_ops.decode_attention(q, k, v, mask, 0.2))
