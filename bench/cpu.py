@@ -168,7 +168,7 @@ def layer_table(rows: list[dict]) -> str:
 def bench_candidates(ms: list[int], shapes: list[tuple[int, int]], budget: float) -> list[str]:
     """The kernels the CPU dispatch picks between, alone (no quantization, no epilogue)."""
     from qcompile.formats.cpu_layout import gemv_layout, int4pack_layout, int8_colsum
-    from qcompile.kernels import cpu_gemv, cpu_linear, cpu_native
+    from qcompile.kernels import cpu_linear, cpu_native, cpu_ops
 
     nat = cpu_native.lib()
     lines = []
@@ -181,8 +181,8 @@ def bench_candidates(ms: list[int], shapes: list[tuple[int, int]], budget: float
         t4 = lay["w4a16"]
         packed = int4pack_layout(t4["qweight"], t4["scale"], None, 4, 0, k, torch.bfloat16)
         sc8 = lay["w8a8"]["w_scale"].bfloat16()
-        gemv4 = gemv_layout(t4["qweight"], t4["scale"], None, None, 4, 0, k) if cpu_gemv.available() else None
-        gemv8 = gemv_layout(qw, lay["w8a8"]["w_scale"], None, None, 8, 0, k) if cpu_gemv.available() else None
+        gemv4 = gemv_layout(t4["qweight"], t4["scale"], None, None, 4, 0, k) if cpu_ops.available() else None
+        gemv8 = gemv_layout(qw, lay["w8a8"]["w_scale"], None, None, 8, 0, k) if cpu_ops.available() else None
         for m in ms:
             xb = torch.randn(m, k).bfloat16()
             qa = torch.randint(-127, 128, (m, k), dtype=torch.int8)
@@ -200,8 +200,8 @@ def bench_candidates(ms: list[int], shapes: list[tuple[int, int]], budget: float
                 fns["vnni gemv"] = lambda: nat.qc_gemv_u8s8(qa_u.data_ptr(), k, qw.data_ptr(), k, colsum.data_ptr(),
                                                             acc.data_ptr(), n, m, n, k, torch.get_num_threads())
             if gemv4 is not None:
-                fns["wo_gemv w4"] = lambda: cpu_gemv.wo_gemv(xb, gemv4)
-                fns["wo_gemv w8"] = lambda: cpu_gemv.wo_gemv(xb, gemv8)
+                fns["wo_gemv w4"] = lambda: cpu_ops.wo_gemv(xb, gemv4)
+                fns["wo_gemv w8"] = lambda: cpu_ops.wo_gemv(xb, gemv8)
             if packed is not None:
                 fns["int4pack_mm"] = lambda: torch._weight_int4pack_mm_for_cpu(xb, packed[0], packed[2], packed[1])
             try:
