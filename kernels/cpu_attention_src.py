@@ -13,7 +13,15 @@ order (and a precision for the probabilities) of its own. It agrees with float32
 bfloat16 rounding; tests/test_cpu_attention.py holds it to that.
 """
 
-EXP2 = r"""
+SOURCE = r"""
+#if defined(QC_AVX512) && defined(__AVX512BF16__)
+#define QC_ATTN 1
+#define QA_BQ 64
+#define QA_BK 64
+#define QA_DMAX 256
+
+int qc_attention_available(void) { return 1; }
+
 /* 2^x for x <= 0 (x = -inf gives 0): n = rne(x), f = x - n in [-0.5, 0.5], e^(f ln2) by its
    degree-6 Taylor polynomial (relative error < 2e-7), scaled by 2^n. */
 static inline __m512 qa_exp2(__m512 x) {
@@ -29,18 +37,7 @@ static inline __m512 qa_exp2(__m512 x) {
     p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
-"""
 
-SOURCE = r"""
-#if defined(QC_AVX512) && defined(__AVX512BF16__)
-#define QC_ATTN 1
-#define QA_BQ 64
-#define QA_BK 64
-#define QA_DMAX 256
-
-int qc_attention_available(void) { return 1; }
-
-""" + EXP2 + r"""
 static inline __m512 qa_bcast_pair(const uint16_t* p) { int32_t v; memcpy(&v, p, 4); return _mm512_castsi512_ps(_mm512_set1_epi32(v)); }
 
 /* S[r][c] = sum_d Q[r][d] K[c][d] for the 64 keys of one block; kp: the block's keys as 4 tiles of

@@ -1,15 +1,13 @@
-"""qcompile's CPU kernels as real torch operators (C++): ``torch.ops.qcompile_cpu.wo_gemv`` (the
-weight-only GEMV of decode and small-M calls) and ``torch.ops.qcompile_cpu.decode_attention``
-(one query row per head against a KV cache).
+"""qcompile's CPU kernels as real torch operators (C++): ``torch.ops.qcompile_cpu.wo_gemv``, the
+weight-only GEMV of decode and small-M calls.
 
 Why operators and not ctypes calls: a compiled decode step (inductor) calls them straight from
 its wrapper like any aten kernel (about 3 us a call), where a Python custom op around ctypes costs
-10-20 us, and a SmolLM2 token makes 241 such calls.
+10-20 us, and a SmolLM2 token makes 211 such calls.
 
 ``wo_gemv``: bf16 activations [..., K] times a 3/4- or 8-bit weight-only layer laid out by
 ``formats.cpu_layout.gemv_layout`` -> bf16 [..., N], every weight level exact (not rounded to bf16
 as the reference's dequantized weight is), float32 sums; source and arithmetic: ``cpu_gemv_src``.
-``decode_attention``: ``cpu_decode_attention_src``.
 
 Build: on first use, with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
 against the installed torch's headers, ``-O3 -march=native -fopenmp`` (ATen's ``parallel_for`` is
@@ -30,10 +28,9 @@ from pathlib import Path
 import torch
 
 from qcompile.kernels import cpu_native
-from qcompile.kernels.cpu_decode_attention_src import SOURCE as _ATTENTION_SOURCE
 from qcompile.kernels.cpu_gemv_src import SOURCE as _GEMV_SOURCE
 
-__all__ = ["available", "wo_gemv", "decode_attention", "decode_attention_supports", "build_error"]
+__all__ = ["available", "wo_gemv", "build_error"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
 
@@ -42,19 +39,15 @@ _build_error: str | None = None
 _REGISTRATION = r"""
 TORCH_LIBRARY(qcompile_cpu, m) {
   m.def("wo_gemv(Tensor x, Tensor w, Tensor scale, Tensor corr, Tensor? bias, int bits, int group_steps, int n) -> Tensor");
-  m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qcompile_cpu, CPU, m) {
   m.impl("wo_gemv", &wo_gemv);
-  m.impl("decode_attention", &decode_attention);
 }
 
 extern "C" int qc_ops_available() { return QC_HAVE_BF16; }
 """
-SOURCE = _GEMV_SOURCE + _ATTENTION_SOURCE + _REGISTRATION
-MAX_GROUP = 16       # decode_attention: query heads per key/value head
-MAX_HEAD_DIM = 256   # decode_attention: head size (a multiple of 32)
+SOURCE = _GEMV_SOURCE + _REGISTRATION
 
 
 def _compiler() -> str | None:
@@ -98,7 +91,7 @@ def available() -> bool:
         except (OSError, RuntimeError) as err:
             _build_error = str(err)
     log.warning("qcompile CPU kernels: the C++ operators are unavailable (%s); weight-only decode uses "
-                "torch's packed kernels, one-query attention float32 matmuls", _build_error)
+                "torch's packed kernels", _build_error)
     return False
 
 
@@ -111,36 +104,9 @@ def _register_fake() -> None:
     def _(x, w, scale, corr, bias, bits, group_steps, n):
         return x.new_empty((*x.shape[:-1], n))
 
-    @torch.library.register_fake("qcompile_cpu::decode_attention")
-    def _(query, key, value, mask, scale):
-        b, h, _, d = query.shape
-        return query.new_empty((b, 1, h, d))
-
 
 def wo_gemv(x: torch.Tensor, layout: tuple) -> torch.Tensor:
     """bf16 ``x`` [..., K] times the layer of ``layout`` (``gemv_layout``'s tuple)."""
     w, scale, corr, bias, bits, group_steps, n = layout
     return torch.ops.qcompile_cpu.wo_gemv(x, w, scale, corr, bias, bits, group_steps, n)
 
-
-def decode_attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              mask: torch.Tensor | None) -> bool:
-    """Whether ``decode_attention`` takes these inputs (else use the float32 matmul path)."""
-    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or query.shape[2] != 1:
-        return False
-    b, h, _, d = query.shape
-    hkv = key.shape[1]
-    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1
-                for t in (query, key, value))
-            and key.shape[0] == b and key.shape[3] == d and d % 32 == 0 and d <= MAX_HEAD_DIM
-            and hkv > 0 and h % hkv == 0 and h // hkv <= MAX_GROUP and key.shape[2] > 0
-            and (mask is None or (mask.dim() == 4 and mask.device.type == "cpu"))
-            and not query.requires_grad and available())
-
-
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for one query row per head: bf16 ``query`` [B, H, 1, D] over
-    ``key``/``value`` [B, Hkv, L, D] (GQA), ``mask`` bool (True = attend) or additive, broadcastable
-    to [B, H, 1, L]; returns [B, 1, H, D] bf16."""
-    return torch.ops.qcompile_cpu.decode_attention(query, key, value, mask, scale)

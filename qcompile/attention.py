@@ -1,14 +1,12 @@
-"""transformers' attention function for the CPU fast path: one-token decode and prefill through
-qcompile's own kernels, everything else SDPA's.
+"""transformers' attention function for the CPU fast path: one-token decode as matmuls, prefill
+through the native flash kernel, everything else SDPA's.
 
 - One query position (a decode step): ``torch.nn.functional.scaled_dot_product_attention`` on the
   CPU runs its flash kernel for a single query too, and its fixed cost per call (tens of
   microseconds per layer, growing with the static cache's length) is a large share of a small
-  model's decode step. bf16 calls (with or without SDPA's mask, the static cache's) run
-  ``torch.ops.qcompile_cpu.decode_attention`` (``kernels/cpu_ops.py``: one C++ operator reading
-  the bf16 cache in place, float32 scores and softmax); others two float32 matrix products and a
-  softmax (query heads grouped under their key/value head), which a compiled step fuses with
-  its neighbours.
+  model's decode step. Here the attention is two small matrix products and a softmax (query heads
+  grouped under their key/value head, float32 scores and softmax, as SDPA computes them), which a
+  compiled decode step fuses with its neighbours.
 - Several query positions with no mask (a prompt's prefill, causal, or an encoder's full
   attention), bf16 on a CPU with AVX-512 BF16: ``qcompile.kernels.cpu_attention.flash_attention``
   (2.4x SDPA's bf16 kernel on SmolLM2's heads at 2048 tokens here; bench/RESULTS.md).
@@ -28,7 +26,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from qcompile.kernels import cpu_attention as flash
-from qcompile.kernels import cpu_ops
 
 __all__ = ["cpu_attention", "use_cpu_attention", "NAME"]
 
@@ -63,8 +60,6 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if q_len != 1 or not plain or h % hkv or value.shape[-1] != d:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if cpu_ops.decode_attention_supports(query, key, value, attention_mask):  # bf16: the native operator
-        return cpu_ops.decode_attention(query, key, value, attention_mask, scale), None
     groups = h // hkv
     q = query.reshape(b, hkv, groups, d).float()  # each key/value head's query heads as rows
     scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]

@@ -1,5 +1,4 @@
-"""qcompile.attention: one-query attention (bf16: the C++ operator; else matmuls, equal to SDPA to
-float rounding), unmasked bf16
+"""qcompile.attention: one-query attention as matmuls (equal to SDPA to float rounding), unmasked bf16
 prefill through the native flash kernel (to bf16 rounding), everything else SDPA's own."""
 
 import pytest
@@ -10,7 +9,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from qcompile import attention
 from qcompile.attention import NAME, cpu_attention, use_cpu_attention
 from qcompile.kernels import cpu_attention as flash
-from qcompile.kernels import cpu_ops
 from models_for_tests import tiny_llama, tiny_opt
 
 
@@ -40,24 +38,6 @@ def test_one_query_equals_sdpa(heads, kv_heads, mask_kind, dtype):
     assert got.shape == want.shape == (b, 1, heads, d) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
-
-
-@pytest.mark.skipif(not cpu_ops.available(), reason="no C++ operators")
-def test_bf16_one_query_calls_run_the_decode_operator(monkeypatch):
-    calls = []
-    real = cpu_ops.decode_attention
-    monkeypatch.setattr(cpu_ops, "decode_attention", lambda *a: calls.append(a) or real(*a))
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 9, 1, 64, generator=g).bfloat16()
-    k, v = (torch.randn(1, 3, 40, 64, generator=g).bfloat16() for _ in range(2))
-    mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
-    mask[..., 30:] = False  # the static cache's empty slots
-    got, _ = cpu_attention(_Attn(3), q, k, v, mask, scaling=0.125)
-    want, _ = sdpa_attention_forward(_Attn(3), q.float(), k.float(), v.float(), mask, scaling=0.125)
-    assert len(calls) == 1 and got.dtype == torch.bfloat16
-    assert ((got.float() - want).abs() <= 2.0 ** -8 * want.abs() + 1e-5).all()
-    cpu_attention(_Attn(3), q.float(), k.float(), v.float(), mask, scaling=0.125)  # float32: the matmul path
-    assert len(calls) == 1
 
 
 def test_calls_with_several_queries_are_sdpas_own():
