@@ -37,6 +37,7 @@ one from a loaded compiled model. ``time_prefill`` / ``time_decode`` are what be
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import types
 from typing import Any
@@ -54,6 +55,7 @@ BF16_MIN_PARAMS = 10_000_000   # "auto" keeps models smaller than this in float3
 COMPILE_MIN_TOKENS = 256       # "auto" compiles the decode step for generations at least this long
 MIN_CACHE_LEN = 256            # the shortest static KV cache a compiled decode step is built for
 _STEP_IDS = itertools.count()
+log = logging.getLogger("qcompile.fast_generate")
 
 
 def cpu_has_bf16() -> bool:
@@ -149,6 +151,7 @@ class FastModel:
             raise ValueError(f"attention must be 'qcompile' or 'model', got {attention!r}")
         self.cpu_attention = attention == "qcompile" and use_cpu_attention(self.model)
         self._compiled = None
+        self.decode_graph_breaks: str | None = None  # why the compiled step is not one graph, if it is not
 
     # ---- forward
     @torch.inference_mode()
@@ -193,13 +196,7 @@ class FastModel:
             # alive, and no longer compiling after torch._dynamo.config.recompile_limit models)
             code = step.__code__.replace(co_name=f"qcompile_decode_step_{next(_STEP_IDS)}")
             step = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
-            # no guards on the model's modules: checking them (hundreds of parameters and attributes)
-            # took about 2.7 ms of each SmolLM2 token here; the model is this FastModel's own and its
-            # parameters are graph inputs, so only replacing its modules afterwards would go unseen.
-            # The guards on the inputs (ids, position, the static cache's tensors) stay.
-            skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-            options = {"guard_filter_fn": skip} if skip is not None else {}
-            self._compiled = torch.compile(step, backend="inductor", dynamic=False, options=options)
+            self._compiled = _DecodeStep(step, self)
         return self._compiled
 
     @torch.inference_mode()
@@ -235,6 +232,47 @@ class FastModel:
                 logits = self.model(input_ids=nxt, cache=cache, cache_position=p, position_ids=p[None],
                                     use_cache=True, logits_to_keep=1).logits[:, -1]
         return torch.cat(out, dim=1)
+
+
+class _DecodeStep:
+    """The compiled decode step: one graph without guards on the model's modules, else (a step
+    that cannot be one graph) a graph-broken compile that keeps them.
+
+    Checking the module guards (hundreds of parameters and attributes) took about 2.7 ms of each
+    SmolLM2 token here, so the step is first compiled with ``fullgraph=True`` and
+    ``skip_guard_on_all_nn_modules_unsafe``: the model is the FastModel's own and its parameters
+    are graph inputs, so only replacing its modules afterwards would go unseen; the guards on the
+    inputs (ids, position, the static cache's tensors) stay. Without module guards a *graph
+    break* would be wrong, not slow: the code compiled for the rest of layer 0's forward would be
+    reused for every layer (its weights, its cache index), so a step that breaks is recompiled
+    with the module guards (and the reason kept in ``FastModel.decode_graph_breaks``)."""
+
+    def __init__(self, step: Any, owner: "FastModel"):
+        self.step, self.owner = step, owner
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        if skip is None:
+            self.fn = self._guarded()
+        else:
+            self.fn = torch.compile(step, backend="inductor", dynamic=False, fullgraph=True,
+                                    options={"guard_filter_fn": skip})
+        self.whole = skip is not None
+
+    def _guarded(self) -> Any:
+        return torch.compile(self.step, backend="inductor", dynamic=False)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if not self.whole:
+            return self.fn(*args)
+        try:
+            return self.fn(*args)
+        except torch._dynamo.exc.Unsupported as err:  # a graph break under fullgraph=True
+            self.whole = False
+            self.owner.decode_graph_breaks = str(err).split("\n")[0]
+            log.warning("qcompile fast_generate: the decode step cannot be compiled as one graph (%s); "
+                        "compiling it in pieces, with guards on the model's modules (slower)",
+                        self.owner.decode_graph_breaks)
+            self.fn = self._guarded()
+            return self.fn(*args)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

@@ -81,7 +81,7 @@ def test_each_fast_model_compiles_its_own_decode_step(lowered_llama):
     cache (and stop compiling after the recompile limit)."""
     model, gm = lowered_llama
     steps = [fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=True)._step_fn() for _ in range(2)]
-    codes = [getattr(s, "_torchdynamo_orig_callable", s).__code__ for s in steps]
+    codes = [s.step.__code__ for s in steps]
     assert codes[0] is not codes[1] and codes[0].co_name != codes[1].co_name
 
 
@@ -134,3 +134,24 @@ def test_a_longer_cache_recompiles_the_step_and_decodes_the_same(lowered_llama):
         ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(prompt))
         assert torch.equal(runner.generate(ids, new), eager.generate(ids, new))
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_a_step_that_breaks_the_graph_still_decodes_the_same():
+    """Without guards on the modules, a graph break inside a layer would reuse layer 0's compiled
+    code (its weights, its cache index) for every layer: a step that cannot be one graph is
+    compiled with the module guards instead, and says so."""
+    model = tiny_llama(layers=3)
+    gm = qcompile.compile(model, passes=[QuantizeLinears(w_bits=8, a_bits=8)])
+    runner = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=True)
+    eager = fg.FastModel(apply_to_eager(gm, model), dtype="fp32", compile_decode=False)
+    for layer in runner.model.model.layers:
+        attention = layer.self_attn.forward
+
+        def broken(*args, _attention=attention, **kwargs):
+            torch._dynamo.graph_break()
+            return _attention(*args, **kwargs)
+        layer.self_attn.forward = broken
+    torch._dynamo.reset()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(runner.generate(ids, 8), eager.generate(ids, 8))
+    assert runner.decode_graph_breaks
