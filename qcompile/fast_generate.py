@@ -234,6 +234,9 @@ class FastModel:
         return torch.cat(out, dim=1)
 
 
+_UNCHECKED = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+
+
 class _DecodeStep:
     """The compiled decode step: one graph without guards on the model's modules, else (a step
     that cannot be one graph) a graph-broken compile that keeps them.
@@ -245,7 +248,12 @@ class _DecodeStep:
     inputs (ids, position, the static cache's tensors) stay. Without module guards a *graph
     break* would be wrong, not slow: the code compiled for the rest of layer 0's forward would be
     reused for every layer (its weights, its cache index), so a step that breaks is recompiled
-    with the module guards (and the reason kept in ``FastModel.decode_graph_breaks``)."""
+    with the module guards (and the reason kept in ``FastModel.decode_graph_breaks``).
+
+    The one-graph step also leaves out inductor's per-call checks of every input's sizes, strides
+    and alignment (about 1,000 Python calls per SmolLM2 step: 135.8 -> 153.1 tokens/s, measured
+    interleaved in one process): dynamo's guards check the step's own inputs, and the model's
+    parameters keep their shapes (as the skipped module guards already assume)."""
 
     def __init__(self, step: Any, owner: "FastModel"):
         self.step, self.owner = step, owner
@@ -254,7 +262,7 @@ class _DecodeStep:
             self.fn = self._guarded()
         else:
             self.fn = torch.compile(step, backend="inductor", dynamic=False, fullgraph=True,
-                                    options={"guard_filter_fn": skip})
+                                    options={"guard_filter_fn": skip, **_UNCHECKED})
         self.whole = skip is not None
 
     def _guarded(self) -> Any:
