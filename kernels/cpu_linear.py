@@ -58,7 +58,9 @@ log = logging.getLogger("qcompile.kernels.cpu")
 
 # Dispatch thresholds (rows M = tokens of the call); measured on AVX-512 VNNI without AMX, see
 # docs/kernels.md "On the CPU" and bench/RESULTS.md "CPU speed".
-GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above
+GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above,
+GEMV_SMALL_LAYER_MAX_M = 16       # ... and up to here on layers of at most GEMV_SMALL_LAYER_WEIGHTS
+GEMV_SMALL_LAYER_WEIGHTS = 1 << 22  # (K * N): one C call beats oneDNN's three there
 INT4PACK_MAX_M = 8      # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
 INT8PACK_MAX_M = 4      # weight-only 8-bit: _weight_int8pack_mm up to here, dequantize + F.linear above
 # weight-only, bf16 activations: qcompile's wo_gemv operator up to here (by layout kind: nibble
@@ -176,7 +178,8 @@ def int_backend(m: int, k: int, n: int) -> str:
     quantized linear on a prepacked weight) or "int_mm" (``torch._int_mm``)."""
     if FORCE_BACKEND is not None:
         return FORCE_BACKEND
-    if m <= GEMV_MAX_M and k <= _VNNI_MAX_K and cpu_native.has_vnni():
+    small = m <= GEMV_MAX_M or (m <= GEMV_SMALL_LAYER_MAX_M and k * n <= GEMV_SMALL_LAYER_WEIGHTS)
+    if small and k <= _VNNI_MAX_K and cpu_native.has_vnni():
         return "gemv"
     if _onednn_available():
         return "onednn"
