@@ -155,3 +155,20 @@ def test_a_step_that_breaks_the_graph_still_decodes_the_same():
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
     assert torch.equal(runner.generate(ids, 8), eager.generate(ids, 8))
     assert runner.decode_graph_breaks
+
+
+def test_bf16_compiled_decode_runs_the_weight_only_operator_as_eager_does(lowered_llama):
+    """In bf16 the W4 linears take qcompile's own GEMV operator; the compiled step calls the same
+    operator on the same operands (one opaque node), so it decodes what the eager loop does."""
+    from qcompile.kernels import cpu_ops
+    if not cpu_ops.available():
+        pytest.skip(f"no C++ operators: {cpu_ops.build_error()}")
+    model, gm = lowered_llama
+    torch._dynamo.reset()
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(11))
+    eager = fg.FastModel(apply_to_eager(gm, model), dtype="bf16", compile_decode=False)
+    compiled = fg.FastModel(apply_to_eager(gm, model), dtype="bf16", compile_decode=True)
+    assert all(m.fast_path[3][1] == "gemv" for m in compiled.model.modules()
+               if isinstance(m, LoweredLinear) and m.fast_path is not None)
+    assert torch.equal(compiled.generate(ids, 10), eager.generate(ids, 10))
+    assert compiled.decode_graph_breaks is None
