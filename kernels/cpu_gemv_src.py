@@ -26,7 +26,6 @@ SOURCE = r"""
 #include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>

@@ -20,9 +20,9 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
   (``cpu_ops``: no weight rounded, output to bf16 rounding); float32/float16 activations with
   M <= ``INT4PACK_MAX_M`` packed 4/3-bit weights run ``torch._weight_int4pack_mm_for_cpu``, for
   M <= ``INT8PACK_MAX_M`` symmetric per-row int8 weights ``torch._weight_int8pack_mm`` (equal to
-  the reference to float rounding: the kernels fold the scales in their own order); otherwise the weight is dequantized natively (the reference's float32
-  arithmetic, one pass) and ``F.linear`` runs on it: equal to ``weight_only_linear_reference``
-  bit for bit.
+  the reference to float rounding: the kernels fold the scales in their own order); otherwise the
+  weight is dequantized natively (the reference's float32 arithmetic, one pass) and ``F.linear``
+  runs on it: equal to ``weight_only_linear_reference`` bit for bit.
 
 Layouts are prepared on the first CPU call of a layer and cached against its stored tensors
 (``_layout``); a change of the stored tensors (in place or replaced) rebuilds them. Shapes or
@@ -45,20 +45,21 @@ from torch import Tensor
 from qcompile.formats import is_packed
 from qcompile.formats.cpu_layout import gemv_layout, int4pack_layout, int8_colsum, int8pack_scale, quik_int8_weight
 from qcompile.kernels import cpu_native, cpu_ops
+from qcompile.kernels.tensor_stamp import TensorStamp
 from qcompile.kernels.w4a4_outlier_gemm import (split_outlier_columns, w4a4_outlier_linear_reference,
                                                 weight_bits_of)
 from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
 __all__ = ["w8a8_linear_cpu", "weight_only_linear_cpu", "w4a4_outlier_linear_cpu", "GEMV_MAX_M",
-           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "NATIVE_GEMV_MAX_M", "SMALL_M_MAX", "layout_builds", "fallbacks_said", "small_m_operands",
-           "packed_weight_matmul"]
+           "INT4PACK_MAX_M", "INT8PACK_MAX_M", "NATIVE_GEMV_MAX_M", "SMALL_M_MAX", "layout_builds",
+           "fallbacks_said", "small_m_operands", "packed_weight_matmul"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
 
 # Dispatch thresholds (rows M = tokens of the call); measured on AVX-512 VNNI without AMX, see
 # docs/kernels.md "On the CPU" and bench/RESULTS.md "CPU speed".
-GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above,
+GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above
 GEMV_SMALL_LAYER_MAX_M = 16       # ... and up to here on layers of at most GEMV_SMALL_LAYER_WEIGHTS
 GEMV_SMALL_LAYER_WEIGHTS = 1 << 22  # (K * N): one C call beats oneDNN's three there
 INT4PACK_MAX_M = 8      # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
@@ -86,21 +87,13 @@ def _say_once(kind: str, message: str) -> None:
         log.warning("qcompile CPU kernels: %s", message)
 
 
-def _stamp(t: Tensor | None) -> tuple | None:
-    # a weak reference, not id(t): a replaced source is freed, and its successor can be given the
-    # same id, storage address and version 0 (the stale layout would then be used)
-    return None if t is None else (weakref.ref(t), t._version, t.data_ptr())
+def _stamp(t: Tensor | None) -> TensorStamp | None:
+    return None if t is None else TensorStamp(t)
 
 
-def _unchanged(stamp: tuple, sources: tuple) -> bool:
-    """Each of ``sources`` is the tensor ``stamp`` recorded, not modified or moved since."""
-    for recorded, t in zip(stamp, sources):
-        if t is None or recorded is None:
-            if t is not recorded:
-                return False
-        elif recorded[0]() is not t or recorded[1] != t._version or recorded[2] != t.data_ptr():
-            return False
-    return True
+def _unchanged(stamps: tuple, sources: tuple) -> bool:
+    """Each of ``sources`` is the tensor its stamp recorded (or both are None)."""
+    return all(t is None if st is None else t is not None and st.matches(t) for st, t in zip(stamps, sources))
 
 
 def _layout(owner: Tensor, kind: str, sources: tuple, build: Callable[[], object]) -> object:

@@ -34,7 +34,8 @@ import torch
 from qcompile.kernels.cpu_attention_src import SOURCE as _ATTENTION_SOURCE
 from qcompile.kernels.cpu_native_src import SOURCE as _HELPER_SOURCE
 
-__all__ = ["lib", "available", "has_vnni", "DTYPE_CODE", "build_error", "build_shared_library", "disabled"]
+__all__ = ["lib", "available", "has_vnni", "DTYPE_CODE", "build_error", "build_shared_library", "disabled",
+           "find_compiler"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
 
@@ -50,11 +51,16 @@ def _cache_dir() -> Path:
     return Path(base) / "cpu_kernels"
 
 
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+def find_compiler(env: str, names: tuple[str, ...]) -> str | None:
+    """The path of ``$env``, else of the first of ``names`` on the PATH, or None."""
+    for cc in (os.environ.get(env), *names):
         if cc and shutil.which(cc):
             return shutil.which(cc)
     return None
+
+
+def _compiler() -> str | None:
+    return find_compiler("CC", ("cc", "gcc", "clang"))
 
 
 def build_shared_library(name: str, source: str, compiler: str, flags: list[str], suffix: str = ".c",

@@ -21,9 +21,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-import shutil
-from pathlib import Path
 
 import torch
 
@@ -50,13 +47,6 @@ extern "C" int qc_ops_available() { return QC_HAVE_BF16; }
 SOURCE = _GEMV_SOURCE + _REGISTRATION
 
 
-def _compiler() -> str | None:
-    for cxx in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if cxx and shutil.which(cxx):
-            return shutil.which(cxx)
-    return None
-
-
 def _flags() -> tuple[list[str], list[str]]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
@@ -75,7 +65,7 @@ def available() -> bool:
     if cpu_native.disabled():
         _build_error = "disabled by QCOMPILE_CPU_NATIVE=0"
         return False
-    cxx = _compiler()
+    cxx = cpu_native.find_compiler("CXX", ("c++", "g++", "clang++"))
     if cxx is None:
         _build_error = "no C++ compiler found ($CXX, c++, g++, clang++)"
     else:

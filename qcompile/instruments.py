@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ import torch.fx as fx
 from tabulate import tabulate
 
 from qcompile.frontend import module_name_of
+from qcompile.kernels.tensor_stamp import TensorStamp
 
 __all__ = ["Instrument", "GraphSnapshot", "PassRecord", "CompileReport", "ReportInstrument",
            "graph_fingerprint", "tensor_digest"]
@@ -26,15 +26,15 @@ __all__ = ["Instrument", "GraphSnapshot", "PassRecord", "CompileReport", "Report
 
 # ---------------------------------------------------------------- fingerprints
 
-_DIGESTS: dict[int, tuple[weakref.ref, int, int, str]] = {}
+_DIGESTS: dict[int, tuple[TensorStamp, str]] = {}
 
 
 def tensor_digest(t: torch.Tensor) -> str:
     """A content hash of a tensor, cached on (identity, in-place version counter)."""
     key = id(t)
     hit = _DIGESTS.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
-        return hit[3]
+    if hit is not None and hit[0].matches(t):
+        return hit[1]
     data = t.detach()
     if data.device.type != "cpu":
         data = data.cpu()
@@ -45,7 +45,7 @@ def tensor_digest(t: torch.Tensor) -> str:
         h.update(memoryview(data.view(-1).view(torch.uint8).numpy()))
     digest = h.hexdigest()
     try:
-        _DIGESTS[key] = (weakref.ref(t), t._version, t.data_ptr(), digest)
+        _DIGESTS[key] = (TensorStamp(t), digest)
     except TypeError:
         pass
     return digest

@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qcompile.checkpoint import read_rows, tensor_info, write_safetensors
+from qcompile.kernels.tensor_stamp import TensorStamp
 
 __all__ = ["ParameterStore", "store_of", "materialize", "offload", "Offloaded", "STORE_KEY", "release_free_memory",
            "unmap_large_allocations"]
@@ -92,7 +93,7 @@ class ParameterStore:
         self.spill_dir = Path(tempfile.mkdtemp(prefix="qcompile-store-", dir=spill_dir))
         weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         self.active: str | None = None
-        self._read: dict[str, _Reading] = {}  # name -> the tensor as it was read
+        self._read: dict[str, TensorStamp] = {}  # name -> the tensor as it was read
         self._spilled: set[str] = set()
         self._offloaded = 0
         self.loads = 0  # how many times a group was made real (for tests and progress)
@@ -147,7 +148,7 @@ class ParameterStore:
             if t.is_meta:
                 value = self._read_tensor(name, t)
                 _put(mod, attr, value)
-                self._read[name] = _Reading(getattr(mod, attr))
+                self._read[name] = TensorStamp(getattr(mod, attr))
             total += t.numel() * t.element_size()
         self.active = group
         self.loads += 1
@@ -162,8 +163,8 @@ class ParameterStore:
             for name, mod, attr, t in self._tensors(group):
                 if t.is_meta:
                     continue
-                reading = self._read.get(name)
-                if reading is None or not reading.unchanged(t):
+                read = self._read.get(name)
+                if read is None or not read.matches(t):  # a stamp, not id(): see TensorStamp
                     _write({"t": t}, self._path(name))
                     self._spilled.add(name)
                 self._read.pop(name, None)
@@ -272,23 +273,6 @@ class Offloaded:
         for name in self.fields:
             object.__setattr__(out, name, data[name].to(devices[name]))
         return out
-
-
-class _Reading:
-    """A tensor as the store read it: a weak reference and its in-place version counter. ``id()``
-    alone would not do: a replaced tensor is freed, and its successor (after a second
-    replacement) can be given the same id and version 0, and a changed tensor would then be
-    dropped unwritten (seen: one such loss in about 40 double replacements)."""
-
-    __slots__ = ("ref", "version")
-
-    def __init__(self, t: torch.Tensor):
-        self.ref = weakref.ref(t)
-        self.version = t._version
-
-    def unchanged(self, t: torch.Tensor) -> bool:
-        """``t`` is the very tensor read, not modified in place since."""
-        return self.ref() is t and t._version == self.version
 
 
 def _write(tensors: dict[str, torch.Tensor], path: Path) -> None:
