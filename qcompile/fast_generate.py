@@ -269,11 +269,11 @@ class _DecodeStep:
         return torch.compile(self.step, backend="inductor", dynamic=False)
 
     def __call__(self, *args: Any) -> torch.Tensor:
-        if not self.whole:
-            return self.fn(*args)
         try:
             return self.fn(*args)
         except torch._dynamo.exc.Unsupported as err:  # a graph break under fullgraph=True
+            if not self.whole:
+                raise
             self.whole = False
             self.owner.decode_graph_breaks = str(err).split("\n")[0]
             log.warning("qcompile fast_generate: the decode step cannot be compiled as one graph (%s); "
