@@ -21,7 +21,7 @@ columns, and that layout is kept: only GPTQ's processing order changes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from qcompile.distributed import all_mean_, from_owners, owner, shard, world
 from qcompile.formats import PerGroup, PerRow, RoundedWeights, check_grid, default_grid
 from qcompile.gptq_math import HessianAccumulator, difference_errors, gptq_quantize, rtn_quantize
 from qcompile.graph_query import linear_sites, set_tensor
+from qcompile.kernels.tensor_stamp import TensorStamp
 from qcompile.layerwise import LayerwiseRunner
 from qcompile.param_store import Offloaded, offload, release_free_memory, store_of
 from qcompile.pass_manager import CompileContext, Pass, PassKind, PassResult, register_pass
@@ -51,6 +52,9 @@ class GPTQRecord(RoundedWeights):
     outlier_weight: torch.Tensor
     error: float
     rtn_error: float
+    # the float weight GPTQ wrote into the graph: while it is still that tensor, unmodified, the
+    # lowering adopts the integers without re-checking that they reproduce it
+    weight_stamp: TensorStamp | None = field(default=None, compare=False, repr=False)
 
 
 class GPTQRecords(AnalysisResult[GPTQRecord]):
@@ -229,12 +233,14 @@ class GPTQ(Pass):
         mine = [i for i in range(len(group)) if owner(i) == rank]
         rows = (self._round_group(gm, [group[i] for i in mine], h, outliers, stats, records, settings, clips)
                 if mine else [])
-        local = {i: (row, _in_memory(records[group[i].module]), group[i].weight_tensor(gm).detach())
+        # a stamp (a weak reference) does not travel between processes: each stamps what it set
+        local = {i: (row, replace(_in_memory(records[group[i].module]), weight_stamp=None),
+                     group[i].weight_tensor(gm).detach())
                  for i, row in zip(mine, rows)}
         out = []
         for s, (row, record, weight) in zip(group, from_owners(len(group), local)):
             set_tensor(gm, s.weight, weight)
-            records[s.module] = offload(gm, record)
+            records[s.module] = offload(gm, replace(record, weight_stamp=TensorStamp(s.weight_tensor(gm))))
             out.append(row)
         return out
 
@@ -293,6 +299,7 @@ class GPTQ(Pass):
             start += n
             w_hat = res.weight[part].to(w.device, w.dtype)
             set_tensor(gm, s.weight, w_hat.contiguous())
+            stamp = TensorStamp(s.weight_tensor(gm))
             err, rtn_err = _errors(w, w_hat, h, res, part, bits, symmetric, clip, grid)
             on_w = dict(device=w.device)
             del w
@@ -302,7 +309,7 @@ class GPTQ(Pass):
                 group_size=res.group_size, symmetric=symmetric, quant_idx=res.quant_idx.to(**on_w),
                 outlier_idx=res.outlier_idx.to(**on_w),
                 outlier_weight=res.outlier_weight[part].to(**on_w).contiguous(),
-                error=err, rtn_error=rtn_err))  # on disk until lowered, if streamed
+                error=err, rtn_error=rtn_err, weight_stamp=stamp))  # on disk until lowered, if streamed
             rows.append({"module": s.module, "shape": f"{n}x{k}", "bits": bits, "fp16 cols": keep,
                          "clip": "ClipSearch" if ratio is not None else ("searched" if clip else "-"),
                          "GPTQ error": float(f"{err:.4g}"), "RTN error": float(f"{rtn_err:.4g}"),

@@ -168,15 +168,18 @@ def _absorbed_gather(x: Any) -> tuple[Any, fx.Node | None]:
 def _lower(gm: fx.GraphModule, site: LinearSite, scheme: LoweredScheme, clip_record: Any, rounded: Any,
            act_absmax: torch.Tensor | None, outlier_idx: torch.Tensor | None) -> dict[str, Any]:
     """Replace one linear by its scheme's op; returns the report row."""
-    w = site.weight_tensor(gm).detach()
+    param = site.weight_tensor(gm)
+    w = param.detach()
     n, k = w.shape
+    stamp = getattr(rounded, "weight_stamp", None)  # the weight GPTQ wrote (GPTQRecord)
     x, perm = site.input, None
     if scheme.absorbs_input_gather:
         x, perm = _absorbed_gather(x)
     perm_value = get_tensor(gm, perm.target) if perm is not None else None
     try:
         lowering = scheme.quantize(WeightInput(w, scheme.clip_from(clip_record, n), rounded, act_absmax,
-                                               outlier_idx, perm_value))
+                                               outlier_idx, perm_value,
+                                               rounded_is_current=stamp is not None and stamp.matches(param)))
     except ValueError as err:
         raise ValueError(f"{site.module}: {err}") from err
     container = _container_for(gm, site)

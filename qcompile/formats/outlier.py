@@ -72,7 +72,8 @@ class OutlierHybrid(LoweredScheme):
     def quantize(self, source: WeightInput) -> Lowering:
         w = source.weight.detach()
         n, k = w.shape
-        if rounded_usable(source.rounded, w, self.bits, 0, True, outlier_free=False):
+        if rounded_usable(source.rounded, w, self.bits, 0, True, outlier_free=False,
+                          is_current=source.rounded_is_current):
             r = source.rounded
             idx, q, scale, how = r.outlier_idx, r.q, r.scale.reshape(n), "GPTQ"
         else:

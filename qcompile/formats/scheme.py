@@ -73,6 +73,9 @@ class WeightInput:
     act_absmax: torch.Tensor | None = None
     outlier_idx: torch.Tensor | None = None
     input_perm: torch.Tensor | None = None
+    # the caller knows ``weight`` is the very tensor ``rounded`` dequantizes to, unmodified since
+    # (GPTQ wrote it): the schemes then adopt the integers without comparing them to the weight
+    rounded_is_current: bool = False
 
 
 @dataclass

@@ -56,15 +56,18 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 
 
 def rounded_usable(record: RoundedWeights | None, w: torch.Tensor, bits: int, group_size: int,
-                   symmetric: bool, outlier_free: bool) -> bool:
+                   symmetric: bool, outlier_free: bool, is_current: bool = False) -> bool:
     """Another pass's integers can be lowered as they are: same grid, and they still reproduce
-    the float weight in the graph (no pass changed it since)."""
+    the float weight in the graph (no pass changed it since; ``is_current``: the caller knows the
+    weight is the very tensor they were dequantized to, so the values are not compared)."""
     if record is None or record.bits != bits or record.symmetric != symmetric:
         return False
     if record.group_size != group_size and not (record.group_size == 0 and group_size >= w.shape[1]):
         return False
     if outlier_free and record.outlier_idx.numel():
         return False
+    if is_current:
+        return True
     cols = record.quant_idx
     g = record.group_size
     groups = torch.arange(cols.numel()) // g if g else torch.zeros(cols.numel(), dtype=torch.long)
@@ -147,7 +150,8 @@ class WeightOnly(LoweredScheme):
     def quantize(self, source: WeightInput) -> Lowering:
         w = source.weight.detach()
         clip = source.clip_ratio
-        if rounded_usable(source.rounded, w, self.bits, self.group_size, self.symmetric, outlier_free=True):
+        if rounded_usable(source.rounded, w, self.bits, self.group_size, self.symmetric, outlier_free=True,
+                          is_current=source.rounded_is_current):
             r = source.rounded
             qw, how = QuantizedWeight(r.q, r.scale, r.zero, self.bits, self.group_size), "GPTQ"
         else:

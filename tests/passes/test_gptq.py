@@ -279,3 +279,47 @@ def test_clip_search_with_outliers_needs_the_outlier_analysis():
     with pytest.raises(PipelineError, match="run SelectOutliers"):
         qcompile.compile(tiny_llama(layers=1), [ClipSearch(w_bits=4, outliers=True), GPTQ(w_bits=4)],
                          calibration=_calib())
+
+
+class _TouchTwoWeights(qcompile.Pass):
+    """Changes one linear's weight in place and replaces another's with an equal copy."""
+
+    kind = qcompile.PassKind.TRANSFORM
+
+    def run(self, gm, ctx):
+        from qcompile.graph_query import set_tensor
+        sites = linear_sites(gm)
+        with torch.no_grad():
+            sites[0].weight_tensor(gm).mul_(1.5)
+        set_tensor(gm, sites[1].weight, sites[1].weight_tensor(gm).detach().clone())
+        return qcompile.PassResult(gm, True)
+
+
+def test_lowering_adopts_gptq_integers_unchecked_only_while_the_weight_is_the_one_gptq_wrote(monkeypatch):
+    """GPTQ stamps the weight it writes; the lowering adopts its integers without comparing values
+    while the graph still holds that very tensor, unmodified, and compares (and re-rounds what no
+    longer matches) otherwise."""
+    from qcompile.formats import weight_only
+    from qcompile.passes import QuantizeLinears
+    model, calib = tiny_llama(layers=2), _calib()
+    compared = []
+    real_allclose = torch.allclose
+
+    def counting_allclose(*args, **kwargs):
+        compared.append(1)
+        return real_allclose(*args, **kwargs)
+
+    monkeypatch.setattr(weight_only.torch, "allclose", counting_allclose)
+    lower = QuantizeLinears(w_bits=4, a_bits=None)
+    gm = qcompile.compile(model, [GPTQ(w_bits=4), lower], calibration=calib)
+    table = gm.qcompile_report["QuantizeLinears"].table
+    assert {r["weights from"] for r in table} == {"GPTQ"} and not compared
+    for site_row in table:  # the integers adopted are GPTQ's own
+        rec = gm.qcompile_analyses["gptq"][site_row["module"]]
+        assert torch.equal(weight_only.pack_weight(rec.q, 4), gm.get_submodule(site_row["module"]).qweight)
+
+    touched = qcompile.compile(model, [GPTQ(w_bits=4), _TouchTwoWeights(), lower], calibration=calib)
+    sources = [r["weights from"] for r in touched.qcompile_report["QuantizeLinears"].table]
+    # scaled in place: no longer GPTQ's; an equal copy: compared, still GPTQ's; the rest unchecked
+    assert sources[0] == "RTN" and set(sources[1:]) == {"GPTQ"}
+    assert 0 < len(compared) <= 2 * 2  # at most the two touched weights' bands were compared
