@@ -235,7 +235,12 @@ def test_models_saved_in_format_version_1_still_load_and_compute_the_same(name):
     if name == "w4g32":
         assert nodes[0].scheme == WeightOnly(4, PerGroup(32), False)
     with torch.no_grad():
-        assert torch.equal(loaded(expected["ids"]), expected[name])
+        got = loaded(expected["ids"])
+    # the logits were computed on another CPU; float32 GEMMs round differently on another CPU's
+    # BLAS kernels (AMX vs AVX-512: 2e-8 here on logits of 0.38), so equal to float32 rounding
+    # (a misread scale, zero or packing moves them by 1e-2 and more)
+    assert got.shape == expected[name].shape
+    assert torch.allclose(got, expected[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("group,sym,outliers", [(0, True, 0), (32, False, 0), (0, True, 5), (16, True, 3)])
