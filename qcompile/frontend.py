@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.layer_replication import export_by_replication
+
 __all__ = ["trace", "TraceError", "is_causal_lm", "module_name_of"]
 
 
@@ -44,6 +46,19 @@ def trace(model: nn.Module, example_inputs: Sequence[Any] | None = None,
 
 
 def _export_causal_lm(model: nn.Module, example_inputs, max_seq_len: int | None) -> fx.GraphModule:
+    """A deep model with uniform decoder layers is exported with two of them and the rest copied
+    (``qcompile.layer_replication``: the same graph, several times faster); else exported whole."""
+    def export(m: nn.Module) -> fx.GraphModule:
+        return _export_whole(m, example_inputs, max_seq_len)
+
+    gm = export_by_replication(model, export) if _REPLICATE else None
+    return gm if gm is not None else export(model)
+
+
+_REPLICATE = True  # tests compare against the whole export by turning it off
+
+
+def _export_whole(model: nn.Module, example_inputs, max_seq_len: int | None) -> fx.GraphModule:
     vocab = int(getattr(model.config, "vocab_size", 2))
     if example_inputs is None:  # where the weights are: export refuses a CPU input to CUDA or meta weights
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
