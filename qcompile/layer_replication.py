@@ -9,10 +9,10 @@ weights and the previous copy's output, and its nodes name their own modules
 
 It declines (returns None, and the caller exports the whole model) unless all of these hold:
 the layers are one ``nn.ModuleList`` of ``config.num_hidden_layers`` >= 3 uniform layers with no
-hooks; the config has no per-layer setting that differs between layers; layers 0 and 1 are
-contiguous, node-for-node identical blocks of the two-layer graph; and the copied graph computes
-the model's own logits on a probe input. Models on the meta device (no values to probe) are
-always exported whole.
+hooks and no shared tensors; the config has no per-layer setting that differs between layers;
+layers 0 and 1 are contiguous, node-for-node identical blocks of the two-layer graph; and the
+copied graph computes the model's own logits on a probe input. Models on the meta device (no
+values to probe) are always exported whole.
 """
 
 from __future__ import annotations
@@ -92,8 +92,13 @@ def _signature(layer: nn.Module) -> tuple | None:
 
 
 def _uniform(layers: nn.ModuleList) -> bool:
+    """Same signature everywhere, and no tensor shared between layers (a shared one has one name
+    in a whole export, which copies would not reproduce)."""
     first = _signature(layers[0])
-    return first is not None and all(_signature(layer) == first for layer in layers)
+    if first is None or any(_signature(layer) != first for layer in layers):
+        return False
+    tensors = [t for layer in layers for t in list(layer.parameters()) + list(layer.buffers())]
+    return len({id(t) for t in tensors}) == len(tensors)
 
 
 def _per_layer_config(config: Any, n: int) -> bool:

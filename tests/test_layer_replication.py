@@ -120,3 +120,9 @@ def test_a_difference_no_module_setting_shows_is_caught_by_the_probe():
 
     layer.forward = doubled
     _declines(model)
+
+
+def test_layers_sharing_weights_are_exported_whole():
+    model = tiny_llama(layers=4)
+    model.model.layers[3].mlp.down_proj.weight = model.model.layers[2].mlp.down_proj.weight
+    _declines(model)
