@@ -279,3 +279,31 @@ def test_cached_layouts_do_not_keep_the_weights_alive(backend, op):
     del qw
     gc.collect()
     assert alive() is None and key not in cl._layouts
+
+
+@pytest.mark.parametrize("backend", ["onednn"], indirect=True)
+@pytest.mark.parametrize("layout", ["last", "perm", "no_outliers"])
+@pytest.mark.parametrize("m", [1, 5, 13])
+def test_row_blocks_give_the_same_result_as_one_call(backend, monkeypatch, layout, m):
+    """On AMX CPUs a large layer's GEMM runs a block of rows at a time: each row's quantization,
+    integer product and epilogue are the same, so the result is bit for bit the one-call result
+    (and W8A8's the reference's), for blocks that do not divide the rows."""
+    g = _gen(m + len(layout))
+    k, n = 70, 24
+    x = torch.randn(2, m, k, generator=g).to(torch.bfloat16)
+    qw = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    sw = torch.rand(n, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=g)
+    k_out = 0 if layout == "no_outliers" else 6
+    q4 = torch.randint(-8, 8, (n, k - k_out), dtype=torch.int8, generator=g)
+    ow = torch.randn(n, k_out, generator=g).half()
+    perm = torch.randperm(k, generator=g) if layout == "perm" else None
+    quik = (x, pack_int4(q4), sw, row_sum(q4, sw), ow, None, perm, bias, 4)
+    whole_w8a8, whole_quik = cl.w8a8_linear_cpu(x, qw, sw, bias), cl.w4a4_outlier_linear_cpu(*quik)
+    monkeypatch.setattr(cl, "_has_amx", lambda: True)
+    monkeypatch.setattr(cl, "ROW_BLOCK_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(cl, "ROW_BLOCK", 4)
+    assert cl.row_block(2 * m, k, n, "onednn") == 4
+    assert torch.equal(cl.w8a8_linear_cpu(x, qw, sw, bias), whole_w8a8)
+    assert torch.equal(whole_w8a8, w8a8_linear_reference(x, qw, sw, bias))
+    assert torch.equal(cl.w4a4_outlier_linear_cpu(*quik), whole_quik)
