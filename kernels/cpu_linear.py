@@ -174,18 +174,9 @@ ROW_BLOCK = 256
 ROW_BLOCK_MIN_WEIGHTS = 1 << 24
 
 
-@functools.cache
-def _has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_int8" in line for line in f)
-    except OSError:
-        return False
-
-
 def row_block(m: int, k: int, n: int, backend: str) -> int:
     """Rows per block of an int8 GEMM call (``m``: one block, the whole call)."""
-    if backend == "onednn" and k * n >= ROW_BLOCK_MIN_WEIGHTS and _has_amx():
+    if backend == "onednn" and k * n >= ROW_BLOCK_MIN_WEIGHTS and cpu_native.has_amx():
         return ROW_BLOCK
     return m
 

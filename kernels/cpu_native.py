@@ -147,6 +147,17 @@ def available() -> bool:
 
 
 @functools.cache
+def has_amx() -> bool:
+    """The CPU has AMX tiles (``amx_tile`` in /proc/cpuinfo): torch's own bf16 kernels (GEMMs,
+    SDPA) and oneDNN's int8 ones then run on them, which moves several dispatch choices."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
+@functools.cache
 def has_vnni() -> bool:
     """The helper library was built with AVX-512 VNNI (its small-M int8 GEMM is then real)."""
     dll = lib()

@@ -8,8 +8,9 @@ through the native flash kernel, everything else SDPA's.
   grouped under their key/value head, float32 scores and softmax, as SDPA computes them), which a
   compiled decode step fuses with its neighbours.
 - Several query positions with no mask (a prompt's prefill, causal, or an encoder's full
-  attention), bf16 on a CPU with AVX-512 BF16: ``qcompile.kernels.cpu_attention.flash_attention``
-  (2.4x SDPA's bf16 kernel on SmolLM2's heads at 2048 tokens here; bench/RESULTS.md).
+  attention), bf16 on a CPU with AVX-512 BF16 and no AMX: ``qcompile.kernels.cpu_attention.flash_attention``
+  (2.4x SDPA's bf16 kernel on SmolLM2's heads at 2048 tokens on an AMD EPYC; on a Xeon with AMX,
+  SDPA's tile kernels are 3-4x faster than it, so SDPA serves there; bench/RESULTS.md).
 - Every other call (masks, dropout, position biases, soft caps, float32) goes to transformers' own
   SDPA function unchanged.
 
@@ -55,7 +56,7 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     plain = not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     if q_len > 1 and plain and attention_mask is None:
         causal = _sdpa_is_causal(module, query, key, kwargs)
-        if causal is not None and flash.supports(query, key, value, causal):
+        if causal is not None and flash.preferred() and flash.supports(query, key, value, causal):
             return flash.flash_attention(query, key, value, scale, causal), None
     if q_len != 1 or not plain or h % hkv or value.shape[-1] != d:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

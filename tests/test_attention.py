@@ -9,6 +9,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from qcompile import attention
 from qcompile.attention import NAME, cpu_attention, use_cpu_attention
 from qcompile.kernels import cpu_attention as flash
+from qcompile.kernels import cpu_native
 from models_for_tests import tiny_llama, tiny_opt
 
 
@@ -86,6 +87,7 @@ def _spy_flash(monkeypatch):
 
 @pytest.mark.skipif(not flash.available(), reason="the native AVX-512 BF16 attention kernel is not built here")
 def test_bf16_prefill_runs_the_flash_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_native, "has_amx", lambda: False)  # a CPU without AMX tiles
     model = tiny_llama(layers=2).to(torch.bfloat16)
     ids = torch.randint(0, 128, (2, 70), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -96,6 +98,17 @@ def test_bf16_prefill_runs_the_flash_kernel(monkeypatch):
         got = model(input_ids=ids, use_cache=False).logits.float()
     assert len(calls) == 2  # one per layer
     assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 SDPA vs bf16 flash: rounding apart
+
+
+def test_prefill_on_a_cpu_with_amx_stays_sdpa(monkeypatch):
+    """With AMX, SDPA's tile kernels beat the flash kernel: plain prefill is SDPA's, bit for bit."""
+    monkeypatch.setattr(cpu_native, "has_amx", lambda: True)
+    calls = _spy_flash(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 40, 32, generator=g).bfloat16() for _ in range(3))
+    got, _ = cpu_attention(_Attn(1), q, k, v, None)
+    want, _ = sdpa_attention_forward(_Attn(1), q, k, v, None)
+    assert torch.equal(got, want) and not calls
 
 
 def test_masked_prefill_and_float32_stay_sdpa(monkeypatch):

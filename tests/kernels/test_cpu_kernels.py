@@ -300,7 +300,7 @@ def test_row_blocks_give_the_same_result_as_one_call(backend, monkeypatch, layou
     perm = torch.randperm(k, generator=g) if layout == "perm" else None
     quik = (x, pack_int4(q4), sw, row_sum(q4, sw), ow, None, perm, bias, 4)
     whole_w8a8, whole_quik = cl.w8a8_linear_cpu(x, qw, sw, bias), cl.w4a4_outlier_linear_cpu(*quik)
-    monkeypatch.setattr(cl, "_has_amx", lambda: True)
+    monkeypatch.setattr(cpu_native, "has_amx", lambda: True)
     monkeypatch.setattr(cl, "ROW_BLOCK_MIN_WEIGHTS", 0)
     monkeypatch.setattr(cl, "ROW_BLOCK", 4)
     assert cl.row_block(2 * m, k, n, "onednn") == 4
