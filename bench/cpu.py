@@ -454,8 +454,20 @@ _LLAMA_CPP_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 import llama_cpp
-gguf, cache, prefill_len, decode_tokens, threads, types = sys.argv[1:7]
+gguf, cache, prefill_len, decode_tokens, threads, types, no_repack = sys.argv[1:8]
 prefill_len, decode_tokens, threads = int(prefill_len), int(decode_tokens), int(threads)
+if no_repack == "1":
+    # on CPUs with AMX, llama.cpp's extra buffer types repack weights for the tiles, and that path
+    # crashes in this build on prompts of 16 tokens or more: plain CPU buffers, as issue 17 ran it
+    import llama_cpp.llama_cpp as _lib
+    _default_params = _lib.llama_model_default_params
+
+    def _plain_buffers():
+        params = _default_params()
+        params.use_extra_bufts = False
+        return params
+
+    _lib.llama_model_default_params = _plain_buffers
 rows = []
 for name in types.split(","):
     path = Path(cache) / f"smollm2-135m-{name}.gguf"
@@ -518,13 +530,15 @@ def bench_llama_cpp(prefill_len: int, decode_tokens: int) -> tuple[list[dict], s
     """llama.cpp on SmolLM2's GGUF (the shipped Q4_1 file, and Q8_0 / Q4_0 requantized from it),
     in its own process and venv, with torch's thread count; best of 3 rounds after a warm-up."""
     import json
+    from qcompile.kernels import cpu_native
     from qcompile.models import builtin_gguf_path, cache_dir
     py, note = llama_cpp_python()
     if py is None:
         return [], f"llama.cpp not run: {note}"
     threads = torch.get_num_threads()
     res = subprocess.run([py, "-c", _LLAMA_CPP_SCRIPT, str(builtin_gguf_path("smollm2-135m")), str(cache_dir()),
-                          str(prefill_len), str(decode_tokens), str(threads), ",".join(LLAMA_CPP_TYPES)],
+                          str(prefill_len), str(decode_tokens), str(threads), ",".join(LLAMA_CPP_TYPES),
+                          "1" if cpu_native.has_amx() else "0"],
                          capture_output=True, text=True)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     if res.returncode or not lines:
@@ -533,7 +547,9 @@ def bench_llama_cpp(prefill_len: int, decode_tokens: int) -> tuple[list[dict], s
     rows = [{"model": "SmolLM2-135M", "variant": f"llama.cpp {out['version']} GGUF {r['type']}",
              "dtype": r["type"].lower(), "decode": "llama.cpp", "prefill tok/s": r["prefill tok/s"],
              "decode tok/s": r["decode tok/s"]} for r in out["rows"]]
-    return rows, f"{note}; {threads} threads, n_batch {prefill_len}, n_ubatch 512; timed right after the rounds above, so not interleaved with them"
+    repack = "; AMX CPU: use_extra_bufts = False (its AMX weight repacking crashes here)" if cpu_native.has_amx() else ""
+    return rows, (f"{note}; {threads} threads, n_batch {prefill_len}, n_ubatch 512{repack}; timed right after the "
+                  "rounds above, so not interleaved with them")
 
 
 def e2e_table(rows: list[dict]) -> str:
