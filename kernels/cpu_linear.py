@@ -4,9 +4,11 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
 
 - ``w8a8_linear_cpu``: per-token (or static) int8 quantization of x (native, vectorized), then
   the int8 x int8 -> int32 GEMM -- for M <= ``GEMV_MAX_M`` the native AVX-512 VNNI GEMV over
-  the stored int8 [N, K] weight (quantize, GEMV and epilogue in one C call), above it oneDNN's
-  quantized linear on a prepacked weight (``torch._int_mm`` where that is missing) -- then the
-  native epilogue ``(acc * s_x[m]) * s_w[n] + bias[n]``. The int32 accumulator is exact and every float step
+  the stored int8 [N, K] weight (quantize, GEMV and epilogue in one C call); above it, on CPUs
+  with AMX, qcompile's AMX tile GEMM (``cpu_amx_src``: quantize, then 32 x 32 tiles each finished
+  by the epilogue in cache, one C call), elsewhere oneDNN's quantized linear on a prepacked weight
+  (``torch._int_mm`` where that is missing) -- then the native epilogue
+  ``(acc * s_x[m]) * s_w[n] + bias[n]``. The int32 accumulator is exact and every float step
   repeats the reference's, so the result equals ``w8a8_linear_reference`` bit for bit.
 - ``w4a4_outlier_linear_cpu`` (QUIK): the reference's column split, native asymmetric per-token
   quantization of the Kq columns, the same integer GEMMs over the int4 weight unpacked once to
@@ -15,6 +17,8 @@ Per op (the thresholds are module constants, measured by ``bench/cpu.py``; see d
   in order, reading the activation in place: no [M, N] float32 temporary, no separate GEMM call).
   Without outlier columns it equals ``w4a4_outlier_linear_reference`` bit for bit; with them, to
   float32 rounding of that k_out-term dot product (the reference's BLAS sums in its own order).
+  On AMX CPUs above ``GEMV_MAX_M`` rows the AMX tile GEMM runs quantization, GEMM and this
+  epilogue in one C call.
 - ``weight_only_linear_cpu``: bf16 activations with M <= ``NATIVE_GEMV_MAX_M`` (32 rows for
   3/4-bit weights, 16 for 8-bit) run qcompile's own operator ``qcompile_cpu::wo_gemv``
   (``cpu_ops``: no weight rounded, output to bf16 rounding); float32/float16 activations with
@@ -43,7 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qcompile.formats import is_packed
-from qcompile.formats.cpu_layout import gemv_layout, int4pack_layout, int8_colsum, int8pack_scale, quik_int8_weight
+from qcompile.formats.cpu_layout import (amx_int8_layout, gemv_layout, int4pack_layout, int8_colsum, int8pack_scale,
+                                        quik_int8_weight)
 from qcompile.kernels import cpu_native, cpu_ops
 from qcompile.kernels.tensor_stamp import TensorStamp
 from qcompile.kernels.w4a4_outlier_gemm import (split_outlier_columns, w4a4_outlier_linear_reference,
@@ -57,9 +62,10 @@ __all__ = ["w8a8_linear_cpu", "weight_only_linear_cpu", "w4a4_outlier_linear_cpu
 
 log = logging.getLogger("qcompile.kernels.cpu")
 
-# Dispatch thresholds (rows M = tokens of the call); measured on AVX-512 VNNI without AMX, see
-# docs/kernels.md "On the CPU" and bench/RESULTS.md "CPU speed".
-GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, oneDNN (or _int_mm) above
+# Dispatch thresholds (rows M = tokens of the call); see docs/kernels.md "On the CPU" and
+# bench/RESULTS.md "CPU speed" (the GEMV's on AVX-512 VNNI without AMX; above it on AMX CPUs the
+# AMX tile GEMM, 1.4-2.3x oneDNN's path from M = 8 to 2048 on a Xeon with AMX).
+GEMV_MAX_M = 4          # W8A8 / QUIK int GEMM: native VNNI GEMV up to here, AMX (or oneDNN, _int_mm) above
 GEMV_SMALL_LAYER_MAX_M = 16       # ... and up to here on layers of at most GEMV_SMALL_LAYER_WEIGHTS
 GEMV_SMALL_LAYER_WEIGHTS = 1 << 22  # (K * N): one C call beats oneDNN's three there
 INT4PACK_MAX_M = 8      # weight-only 4/3-bit: _weight_int4pack_mm_for_cpu up to here, dequantize + F.linear above
@@ -69,6 +75,7 @@ INT8PACK_MAX_M = 4      # weight-only 8-bit: _weight_int8pack_mm up to here, deq
 NATIVE_GEMV_MAX_M = {4: 32, 8: 16}
 SMALL_M_MAX = max(INT4PACK_MAX_M, INT8PACK_MAX_M, *NATIVE_GEMV_MAX_M.values())
 _VNNI_MAX_K = 65792     # 255 * 128 * K < 2^31: the GEMV's int32 sums stay exact
+_AMX_MAX_K = 131071     # 128 * 128 * K < 2^31: the AMX tiles' int32 sums stay exact
 
 _FLOAT_CODES = cpu_native.DTYPE_CODE
 _said: set[str] = set()
@@ -182,12 +189,17 @@ def row_block(m: int, k: int, n: int, backend: str) -> int:
 
 
 def int_backend(m: int, k: int, n: int) -> str:
-    """Which int8 GEMM serves an [M, K] x [K, N] call: "gemv" (native VNNI), "onednn" (oneDNN's
-    quantized linear on a prepacked weight) or "int_mm" (``torch._int_mm``)."""
+    """Which int8 GEMM serves an [M, K] x [K, N] call: "gemv" (native VNNI), "amx" (qcompile's AMX
+    tile GEMM with the epilogue fused, on CPUs with AMX), "onednn" (oneDNN's quantized linear on a
+    prepacked weight) or "int_mm" (``torch._int_mm``)."""
     if FORCE_BACKEND is not None:
         return FORCE_BACKEND
-    small = m <= GEMV_MAX_M or (m <= GEMV_SMALL_LAYER_MAX_M and k * n <= GEMV_SMALL_LAYER_WEIGHTS)
-    if small and k <= _VNNI_MAX_K and cpu_native.has_vnni():
+    vnni = k <= _VNNI_MAX_K and cpu_native.has_vnni()
+    if m <= GEMV_MAX_M and vnni:
+        return "gemv"
+    if k <= _AMX_MAX_K and cpu_native.amx_ready():
+        return "amx"
+    if m <= GEMV_SMALL_LAYER_MAX_M and k * n <= GEMV_SMALL_LAYER_WEIGHTS and vnni:
         return "gemv"
     if _onednn_available():
         return "onednn"
@@ -207,7 +219,7 @@ class _Prepared:
         self.sw = sw.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
         self.extra = extra or {}
-        self._colsum = self._onednn = None
+        self._colsum = self._onednn = self._amx = None
 
     @property
     def w8(self) -> Tensor:
@@ -219,6 +231,13 @@ class _Prepared:
             self._colsum = int8_colsum(self.w8)
             layout_builds["count"] += 1
         return self._colsum
+
+    @property
+    def amx(self) -> Tensor:
+        if self._amx is None:
+            self._amx = amx_int8_layout(self.w8)
+            layout_builds["count"] += 1
+        return self._amx
 
     @property
     def onednn(self) -> tuple:
@@ -269,6 +288,14 @@ def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | 
     if backend == "gemv":
         nat.qc_w8a8_small(x2.data_ptr(), code, m, k, x2.stride(0), qweight.data_ptr(), qweight.stride(0),
                           prep.colsum.data_ptr(), prep.sw.data_ptr(), _ptr(prep.bias), static, out.data_ptr(), n, nt)
+        return out.reshape(*lead, n)
+    if backend == "amx":
+        packed = prep.amx
+        kp, np_ = packed.shape[1] * 64, packed.shape[0] * 16
+        qa = _scratch("qx", (-(-m // 32) * 32, kp), torch.int8)
+        sx = _scratch("sx", (m,), torch.float32)
+        nat.qc_w8a8_amx(x2.data_ptr(), code, m, k, x2.stride(0), packed.data_ptr(), kp, np_, prep.sw.data_ptr(),
+                        _ptr(prep.bias), static, qa.data_ptr(), sx.data_ptr(), out.data_ptr(), n, n, nt)
         return out.reshape(*lead, n)
     u8 = backend == "onednn"
     rows = row_block(m, k, n, backend)
@@ -333,6 +360,15 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
         nat.qc_quik_small(xq_ptr, code, m, kq, ldq, prep.w8.data_ptr(), prep.w8.stride(0),
                           prep.colsum.data_ptr(), prep.sw.data_ptr(), rs.data_ptr(), a_bits, *xo_args,
                           _ptr(prep.bias), out.data_ptr(), n, nt)
+        return out.reshape(*lead, n)
+    if backend == "amx":
+        packed = prep.amx
+        kp, np_ = packed.shape[1] * 64, packed.shape[0] * 16
+        qa = _scratch("qx", (-(-m // 32) * 32, kp), torch.int8)
+        st, mt = _scratch("st", (m,), torch.float32), _scratch("mt", (m,), torch.float32)
+        nat.qc_quik_amx(xq_ptr, code, m, kq, ldq, packed.data_ptr(), kp, np_, prep.sw.data_ptr(), rs.data_ptr(),
+                        a_bits, *xo_args, _ptr(prep.bias), qa.data_ptr(), st.data_ptr(), mt.data_ptr(),
+                        out.data_ptr(), n, n, nt)
         return out.reshape(*lead, n)
     u8 = backend == "onednn"
     rows = row_block(m, kq, n, backend)

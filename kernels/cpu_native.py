@@ -1,12 +1,14 @@
-"""The CPU helper kernels in C (``cpu_native_src.SOURCE``, and the prefill attention kernel of
-``cpu_attention_src.SOURCE`` in the same library): build once per machine, call by ctypes.
+"""The CPU helper kernels in C (``cpu_native_src.SOURCE``, with the prefill attention kernel of
+``cpu_attention_src.SOURCE`` and the AMX int8 GEMM of ``cpu_amx_src.SOURCE`` in the same library):
+build once per machine, call by ctypes.
 
 What they do (each equal, bit for bit, to the pure-torch reference operations it replaces, except
 the QUIK outlier columns' float dot product, equal to float32 rounding): activation quantization
 (symmetric int8 per token or per tensor; asymmetric per token for QUIK), the W8A8 and QUIK
 epilogues (QUIK's with its outlier columns' product), weight dequantization for the weight-only
-prefill path, and a small-M int8 GEMM (AVX-512 VNNI ``vpdpbusd``) that reads the stored int8
-weights as they are. (The attention kernel is not a torch operation's twin: it agrees with
+prefill path, a small-M int8 GEMM (AVX-512 VNNI ``vpdpbusd``) that reads the stored int8
+weights as they are, and on CPUs with AMX the W8A8 and QUIK linears in one call each (AMX tiles,
+epilogue fused; ``amx_ready``). (The attention kernel is not a torch operation's twin: it agrees with
 float32 attention to bf16 rounding; ``cpu_attention.py`` says how.)
 
 Build: on the first use, with the machine's C compiler (``$CC``, else ``cc``/``gcc``),
@@ -31,11 +33,12 @@ from pathlib import Path
 
 import torch
 
+from qcompile.kernels.cpu_amx_src import SOURCE as _AMX_SOURCE
 from qcompile.kernels.cpu_attention_src import SOURCE as _ATTENTION_SOURCE
 from qcompile.kernels.cpu_native_src import SOURCE as _HELPER_SOURCE
 
-__all__ = ["lib", "available", "has_vnni", "DTYPE_CODE", "build_error", "build_shared_library", "disabled",
-           "find_compiler"]
+__all__ = ["lib", "available", "has_vnni", "has_amx", "amx_ready", "DTYPE_CODE", "build_error",
+           "build_shared_library", "disabled", "find_compiler"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
 
@@ -43,7 +46,7 @@ DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
           "-std=gnu11"]
 _build_error: str | None = None
-SOURCE = _HELPER_SOURCE + _ATTENTION_SOURCE  # one library: the helpers, then the prefill attention
+SOURCE = _HELPER_SOURCE + _ATTENTION_SOURCE + _AMX_SOURCE  # one library: helpers, prefill attention, AMX GEMM
 
 
 def _cache_dir() -> Path:
@@ -109,12 +112,18 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_quik_small": [P, I, I64, I64, I64, P, I64, P, P, P, I, P, I64, P, I64, P, P, I64, I],
         "qc_gptq_columns": [P, I64, I64, P, I64, I64, I64, I64, P, P, P, I64, F, F, P, I64, I64, P, I64, I],
         "qc_attention_available": [],
+        "qc_amx_available": [],
+        "qc_amx_enable": [],
+        "qc_w8a8_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, F, P, P, P, I64, I64, I],
+        "qc_quik_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I64, P, I64, P, P, P, P, P, I64, I64, I],
         "qc_flash_attention": [P, I64, I64, I64] * 4 + [I64] * 6 + [F, I, I],
     }
     for name, args in sigs.items():
         fn = getattr(dll, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int if name in ("qc_features", "qc_attention_available", "qc_flash_attention") else None
+        returns_int = ("qc_features", "qc_attention_available", "qc_flash_attention", "qc_amx_available",
+                       "qc_amx_enable")
+        fn.restype = ctypes.c_int if name in returns_int else None
     return dll
 
 
@@ -155,6 +164,14 @@ def has_amx() -> bool:
             return any(line.startswith("flags") and " amx_tile" in line for line in f)
     except OSError:
         return False
+
+
+@functools.cache
+def amx_ready() -> bool:
+    """The helper library has its AMX int8 GEMM (``cpu_amx_src``: built on a CPU with AMX) and the
+    kernel granted this process AMX tile state (asked once, here)."""
+    dll = lib()
+    return dll is not None and has_amx() and bool(dll.qc_amx_available()) and bool(dll.qc_amx_enable())
 
 
 @functools.cache

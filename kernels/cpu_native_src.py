@@ -266,34 +266,42 @@ void qc_gemv_u8s8(const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, c
 /* ------------------------------------------------------------------ epilogues
  * W8A8: y = ((float)acc[m, n] * sx[m]) * sw[n] (+ bias[n]), stored in dt (w8a8_linear_reference).
  * acc is int32, or float32 already holding the exact integers (acc_is_float). */
+static inline void qc_w8a8_row_epilogue_of(const void* acc, int acc_is_float, float s, const float* sw,
+                                           const float* bias, char* orow, int dt, int64_t N) {
+    const int32_t* ai = (const int32_t*)acc;
+    const float* af = (const float*)acc;
+    int64_t n = 0;
+#ifdef QC_AVX512
+    __m512 vs = _mm512_set1_ps(s);
+    for (; n < N; n += 16) {
+        int c = N - n < 16 ? (int)(N - n) : 16;
+        __mmask16 km = c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << c) - 1u);
+        __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km, af + n)
+                                : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km, ai + n));
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(a, vs), _mm512_maskz_loadu_ps(km, sw + n));
+        if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, bias + n));
+        store16(orow, dt, n, y, c);
+    }
+#endif
+    for (; n < N; ++n) {
+        float a = acc_is_float ? af[n] : (float)ai[n];
+        float y = (a * s) * sw[n];
+        if (bias) y = y + bias[n];
+        store1(orow, dt, n, y);
+    }
+}
+/* one row of int32 accumulators (the AMX kernel's tiles) */
+static inline void qc_w8a8_row_epilogue(const int32_t* acc, float s, const float* sw, const float* bias, char* orow,
+                                        int dt, int64_t N) {
+    qc_w8a8_row_epilogue_of(acc, 0, s, sw, bias, orow, dt, N);
+}
+
 void qc_epilogue_w8a8(const void* acc, int acc_is_float, int64_t lda, const float* sx, const float* sw,
                       const float* bias, void* out, int dt, int64_t ldo, int64_t M, int64_t N, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * N > 32768)
-    for (int64_t m = 0; m < M; ++m) {
-        const float s = sx[m];
-        const int32_t* ai = (const int32_t*)acc + m * lda;
-        const float* af = (const float*)acc + m * lda;
-        char* orow = (char*)out + m * ldo * (dt == F32 ? 4 : 2);
-        int64_t n = 0;
-#ifdef QC_AVX512
-        __m512 vs = _mm512_set1_ps(s);
-        for (; n < N; n += 16) {
-            int c = N - n < 16 ? (int)(N - n) : 16;
-            __mmask16 km = c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << c) - 1u);
-            __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km, af + n)
-                                    : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km, ai + n));
-            __m512 y = _mm512_mul_ps(_mm512_mul_ps(a, vs), _mm512_maskz_loadu_ps(km, sw + n));
-            if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km, bias + n));
-            store16(orow, dt, n, y, c);
-        }
-#endif
-        for (; n < N; ++n) {
-            float a = acc_is_float ? af[n] : (float)ai[n];
-            float y = (a * s) * sw[n];
-            if (bias) y = y + bias[n];
-            store1(orow, dt, n, y);
-        }
-    }
+    for (int64_t m = 0; m < M; ++m)
+        qc_w8a8_row_epilogue_of((const char*)acc + m * lda * 4, acc_is_float, sx[m], sw, bias,
+                                (char*)out + m * ldo * (dt == F32 ? 4 : 2), dt, N);
 }
 
 #define QMR 4
@@ -327,6 +335,68 @@ static inline __attribute__((always_inline)) void quik_outlier_tile(
     o[2][0] = c0; o[2][1] = c1; o[3][0] = d0; o[3][1] = d1;
 }
 #endif
+/* One block of mr <= QMR rows and N columns of the QUIK epilogue; row i of acc, out, xo, st, mt is
+   i rows after the given pointers; owt's rows are ldow floats apart; xs: QMR * kout floats of scratch. */
+static inline void qc_quik_block(const void* acc, int acc_is_float, int64_t lda, const float* st, const float* mt,
+                                 const float* sw, const float* rs, float half, const void* xo, int64_t ldxo,
+                                 const float* owt, int64_t ldow, int64_t kout, const float* bias, void* out, int dt,
+                                 int64_t ldo, int mr, int64_t N, float* xs) {
+    const int esz = dt == F32 ? 4 : 2;
+    for (int i = 0; i < mr; ++i)
+        for (int64_t j = 0; j < kout; ++j) xs[j * QMR + i] = load1((const char*)xo + i * ldxo * esz, dt, j);
+    int64_t n = 0;
+#ifdef QC_AVX512
+    for (; n < N; n += 32) {
+        __m512 o[QMR][2];
+        __mmask16 km[2];
+        int cnt[2];
+        for (int v = 0; v < 2; ++v) {
+            int64_t left = N - n - 16 * v;
+            cnt[v] = left <= 0 ? 0 : (left < 16 ? (int)left : 16);
+            km[v] = cnt[v] >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt[v]) - 1u);
+            for (int i = 0; i < QMR; ++i) o[i][v] = _mm512_setzero_ps();
+        }
+        if (mr == QMR) quik_outlier_tile(QMR, xs, owt, kout, ldow, n, km, o);
+        else if (mr == 3) quik_outlier_tile(3, xs, owt, kout, ldow, n, km, o);
+        else if (mr == 2) quik_outlier_tile(2, xs, owt, kout, ldow, n, km, o);
+        else quik_outlier_tile(1, xs, owt, kout, ldow, n, km, o);
+        for (int i = 0; i < mr; ++i) {
+            const float s = st[i];
+            const __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(mt[i] + half * s);
+            const int32_t* ar = (const int32_t*)acc + i * lda;
+            const float* af = (const float*)acc + i * lda;
+            char* orow = (char*)out + i * ldo * esz;
+            for (int v = 0; v < 2; ++v) {
+                if (!cnt[v]) break;
+                const int64_t c = n + 16 * v;
+                __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km[v], af + c)
+                                        : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km[v], ar + c));
+                __m512 t1 = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(km[v], sw + c)), a);
+                __m512 t2 = _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(km[v], rs + c));
+                __m512 y = _mm512_add_ps(t1, t2);
+                if (kout) y = _mm512_add_ps(y, o[i][v]);
+                if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km[v], bias + c));
+                store16(orow, dt, c, y, cnt[v]);
+            }
+        }
+    }
+#endif
+    for (; n < N; ++n)
+        for (int i = 0; i < mr; ++i) {
+            const float s = st[i], c = mt[i] + half * s;
+            const int32_t* ar = (const int32_t*)acc + i * lda;
+            const float* af = (const float*)acc + i * lda;
+            float y = (s * sw[n]) * (acc_is_float ? af[n] : (float)ar[n]) + c * rs[n];
+            if (kout) {
+                float o = 0.0f;
+                for (int64_t j = 0; j < kout; ++j) o = fmaf(xs[j * QMR + i], owt[j * ldow + n], o);
+                y = y + o;
+            }
+            if (bias) y = y + bias[n];
+            store1((char*)out + i * ldo * esz, dt, n, y);
+        }
+}
+
 void qc_epilogue_quik(const void* acc, int acc_is_float, int64_t lda, const float* st, const float* mt, const float* sw,
                       const float* rs, float half, const void* xo, int64_t ldxo, const float* owt, int64_t kout,
                       const float* bias, void* out, int dt, int64_t ldo, int64_t M, int64_t N, int nthreads) {
@@ -338,61 +408,9 @@ void qc_epilogue_quik(const void* acc, int acc_is_float, int64_t lda, const floa
         const int64_t m0 = b * QMR;
         const int mr = (int)(M - m0 < QMR ? M - m0 : QMR);
         float* xs = kout ? (float*)malloc((size_t)(QMR * kout) * sizeof(float)) : 0;
-        for (int i = 0; i < mr; ++i)
-            for (int64_t j = 0; j < kout; ++j) xs[j * QMR + i] = load1((const char*)xo + (m0 + i) * ldxo * esz, dt, j);
-        int64_t n = 0;
-#ifdef QC_AVX512
-        for (; n < N; n += 32) {
-            __m512 o[QMR][2];
-            __mmask16 km[2];
-            int cnt[2];
-            for (int v = 0; v < 2; ++v) {
-                int64_t left = N - n - 16 * v;
-                cnt[v] = left <= 0 ? 0 : (left < 16 ? (int)left : 16);
-                km[v] = cnt[v] >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt[v]) - 1u);
-                for (int i = 0; i < QMR; ++i) o[i][v] = _mm512_setzero_ps();
-            }
-            if (mr == QMR) quik_outlier_tile(QMR, xs, owt, kout, N, n, km, o);
-            else if (mr == 3) quik_outlier_tile(3, xs, owt, kout, N, n, km, o);
-            else if (mr == 2) quik_outlier_tile(2, xs, owt, kout, N, n, km, o);
-            else quik_outlier_tile(1, xs, owt, kout, N, n, km, o);
-            for (int i = 0; i < mr; ++i) {
-                const int64_t m = m0 + i;
-                const float s = st[m];
-                const __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(mt[m] + half * s);
-                const int32_t* ar = (const int32_t*)acc + m * lda;
-                const float* af = (const float*)acc + m * lda;
-                char* orow = (char*)out + m * ldo * esz;
-                for (int v = 0; v < 2; ++v) {
-                    if (!cnt[v]) break;
-                    const int64_t c = n + 16 * v;
-                    __m512 a = acc_is_float ? _mm512_maskz_loadu_ps(km[v], af + c)
-                                            : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km[v], ar + c));
-                    __m512 t1 = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(km[v], sw + c)), a);
-                    __m512 t2 = _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(km[v], rs + c));
-                    __m512 y = _mm512_add_ps(t1, t2);
-                    if (kout) y = _mm512_add_ps(y, o[i][v]);
-                    if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km[v], bias + c));
-                    store16(orow, dt, c, y, cnt[v]);
-                }
-            }
-        }
-#endif
-        for (; n < N; ++n)
-            for (int i = 0; i < mr; ++i) {
-                const int64_t m = m0 + i;
-                const float s = st[m], c = mt[m] + half * s;
-                const int32_t* ar = (const int32_t*)acc + m * lda;
-                const float* af = (const float*)acc + m * lda;
-                float y = (s * sw[n]) * (acc_is_float ? af[n] : (float)ar[n]) + c * rs[n];
-                if (kout) {
-                    float o = 0.0f;
-                    for (int64_t j = 0; j < kout; ++j) o = fmaf(xs[j * QMR + i], owt[j * N + n], o);
-                    y = y + o;
-                }
-                if (bias) y = y + bias[n];
-                store1((char*)out + m * ldo * esz, dt, n, y);
-            }
+        qc_quik_block((const char*)acc + m0 * lda * 4, acc_is_float, lda, st + m0, mt + m0, sw, rs, half,
+                      kout ? (const char*)xo + m0 * ldxo * esz : 0, ldxo, owt, N, kout, bias,
+                      (char*)out + m0 * ldo * esz, dt, ldo, mr, N, xs);
         free(xs);
     }
 }

@@ -10,6 +10,7 @@ re-laid-out per call. Plain torch only (the format layer imports nothing else).
 |---|---|---|
 | W8A8, QUIK W8 | ``qweight`` as stored (int8 [N, K]) + ``colsum`` int32 [N] | VNNI GEMV (small M) |
 | W8A8, QUIK W8 | ``qweight.t()`` (a view, [K, N]) | ``torch._int_mm`` (larger M) |
+| W8A8 on AMX CPUs | ``amx_int8_layout``: zero-padded to 32 x 64, [N/16][K/64][16][16][4] B tiles | ``qc_w8a8_amx`` (larger M) |
 | QUIK W4 | ``unpack_int4(qweight)`` int8 [N, Kq] (int4 values are int8 values) + ``colsum`` | both of the above |
 | weight-only W4/W3 (packed) | ``_convert_weight_to_int4pack_for_cpu(q + 8)`` + scales/zeros [K/g, N, 2] | ``torch._weight_int4pack_mm_for_cpu`` |
 | weight-only W8 (symmetric, per row) | ``qweight`` as stored + ``scale`` [N] in the activation dtype | ``torch._weight_int8pack_mm`` |
@@ -23,7 +24,7 @@ import torch
 from qcompile.formats.numerics import is_packed, unpack_int4, unpack_weight
 
 __all__ = ["INT4PACK_GROUPS", "int4pack_group", "int4pack_layout", "int8_colsum", "quik_int8_weight",
-           "int8pack_scale", "gemv_layout"]
+           "int8pack_scale", "gemv_layout", "amx_int8_layout"]
 
 # group sizes _weight_int4pack_mm_for_cpu accepts (it also needs N % 16 == 0 and K % group == 0)
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -32,6 +33,16 @@ INT4PACK_GROUPS = (32, 64, 128, 256)
 def int8_colsum(qweight: torch.Tensor) -> torch.Tensor:
     """sum_k q[n, k] as int32 [N]: the VNNI GEMV's u8 x s8 compensation (it sums (a + 128) * q)."""
     return qweight.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous()
+
+
+def amx_int8_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] as the AMX int8 GEMM's B tiles: N padded to 32 and K to 64 with zeros, then
+    [N/16][K/64][16 (k quads)][16 (columns)][4 (k within a quad)], 1 KiB per tile, contiguous."""
+    n, k = qweight.shape
+    np_, kp = -(-n // 32) * 32, -(-k // 64) * 64
+    padded = torch.zeros(np_, kp, dtype=torch.int8)
+    padded[:n, :k] = qweight
+    return padded.view(np_ // 16, 16, kp // 64, 16, 4).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def quik_int8_weight(qweight: torch.Tensor, kq: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 import qcompile  # noqa: F401  (registers the ops)
 from qcompile.formats import PerGroup, PerRow, pack_int4, pack_weight, quantize_weight, row_sum
+from qcompile.formats.cpu_layout import amx_int8_layout
 from qcompile.kernels import cpu_linear as cl
 from qcompile.kernels import cpu_native, ops
 from qcompile.kernels.w4a4_outlier_gemm import split_outlier_columns, w4a4_outlier_linear_reference
@@ -17,7 +18,7 @@ from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BACKENDS = ["gemv", "onednn", "int_mm"]
+BACKENDS = ["gemv", "amx", "onednn", "int_mm"]
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"no native CPU helpers: {cpu_native.build_error()}")
 
@@ -27,6 +28,8 @@ def backend(request, monkeypatch):
     name = request.param
     if name == "gemv" and not cpu_native.has_vnni():
         pytest.skip("the helper library was built without AVX-512 VNNI")
+    if name == "amx" and not cpu_native.amx_ready():
+        pytest.skip("no AMX on this CPU (or the helper library was built without it)")
     if name == "onednn" and not cl._onednn_available():
         pytest.skip("oneDNN's quantized linear is not in this torch build")
     monkeypatch.setattr(cl, "FORCE_BACKEND", name)
@@ -64,6 +67,45 @@ def test_w8a8_int32_accumulators_at_the_extremes(backend):
     got = cl.w8a8_linear_cpu(x, qw, sw)
     assert torch.equal(got, w8a8_linear_reference(x, qw, sw))
     assert got[0, 0].item() == -127 * k  # acc = -127 * 127 * 4096, scaled back by s_x = 1/127
+
+
+@pytest.mark.parametrize("backend", ["amx"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_super_blocks_and_tails(backend, dtype):
+    """K = 8200 gives super-blocks of 96 rows (1 MiB of activation / K rounded to 32): 301 rows run
+    four of them, the last with a 13-row tail; N = 70 leaves a 6-column tail of the last tile."""
+    g = _gen(8200)
+    m, k, n = 301, 8200, 70
+    x = torch.randn(m, k, generator=g).to(dtype)
+    qw = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    sw = torch.rand(n, generator=g) * 0.001
+    bias = torch.randn(n, generator=g)
+    assert torch.equal(cl.w8a8_linear_cpu(x, qw, sw, bias), w8a8_linear_reference(x, qw, sw, bias))
+
+
+def test_amx_layout_holds_each_weight_where_the_tile_product_reads_it():
+    """The packed [N/16][K/64][16][16][4] tiles, multiplied the way ``tdpbssd`` does (C[m, c] +=
+    sum over quads r and bytes i of A[m, 4 r + i] * B[r, 4 c + i]), give x @ w.T; the padding is zero."""
+    g = _gen(3)
+    n, k, m = 45, 130, 5
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    packed = amx_int8_layout(w)
+    assert packed.shape == (64 // 16, 192 // 64, 16, 16, 4) and packed.is_contiguous()
+    x = torch.randint(-128, 128, (m, 192), dtype=torch.int8, generator=g)
+    x[:, k:] = 0
+    a = x.view(m, 3, 16, 4).long()                                     # [m, kb, r, i]
+    got = torch.einsum("mbri,jbrci->mjc", a, packed.long()).reshape(m, 64)
+    assert torch.equal(got[:, :n], x[:, :k].long() @ w.long().T)
+    assert not got[:, n:].any() and packed.view(-1).count_nonzero() == w.count_nonzero()
+
+
+def test_amx_serves_every_call_above_the_gemv_on_amx_cpus():
+    if not cpu_native.amx_ready():
+        pytest.skip("no AMX on this CPU")
+    assert cl.int_backend(cl.GEMV_MAX_M, 576, 1536) == "gemv"
+    for m in (cl.GEMV_MAX_M + 1, 16, 2048):
+        assert cl.int_backend(m, 576, 1536) == "amx" and cl.int_backend(m, 11008, 4096) == "amx"
+    assert cl.int_backend(64, cl._AMX_MAX_K + 1, 8) != "amx"  # int32 sums could overflow
 
 
 def _assert_quik_matches(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, ow: torch.Tensor,

@@ -1,0 +1,169 @@
+"""C source of the AMX int8 GEMM (built with ``cpu_native_src.SOURCE`` into one library).
+
+On CPUs with AMX (``amx_tile``/``amx_int8``: Sapphire Rapids and later) the W8A8 layer runs as one
+call: per-token quantization of the activation into a zero-padded int8 buffer, then tiles of 32 x 32
+int32 accumulators (``tdpbssd``: signed x signed int8, 16 x 16 x 64 per instruction) over the whole
+K, each finished at once by the W8A8 epilogue (the same float32 operations in the same order as
+``qc_epilogue_w8a8``) into the output. No [M, N] accumulator ever reaches memory, which is what
+oneDNN's int8 path spends its time on at prefill sizes here.
+
+The weight is packed once (``formats.cpu_layout.amx_int8_layout``): N padded to 32 and K to 64 with
+zeros, as [N/16][K/64][16 quads][16 columns][4] int8, so each 1 KiB is one B tile in the VNNI order
+``tdpbssd`` reads. Accumulation is exact in int32 (|sum| <= 127 * 128 * K < 2^31 for K < 132000),
+so the result equals ``w8a8_linear_reference`` bit for bit, like the other int8 paths.
+
+Threads split the column blocks; rows go in super-blocks of at most 1 MiB of quantized activation
+(kept in L2 while every column block of the thread passes over them). Linux hands a process AMX
+tile state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``):
+``qc_amx_enable`` asks once; without it (or without AMX at build time) ``qc_amx_available`` is 0.
+"""
+
+SOURCE = r"""
+#if defined(QC_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define QC_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} qc_tilecfg;
+
+int qc_amx_enable(void) {  /* 1 once the kernel lets this process use AMX tile data */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+static inline void qc_amx_config(void) {
+    qc_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    _tile_loadconfig(&cfg);
+}
+
+/* acc (32 x 32 int32, row stride 32) = qa[32 rows, Kp] (row stride Kp) x the packed columns
+   n0 .. n0 + 31 (two 16-column strips of Bp, Kp / 64 tiles each) */
+static inline __attribute__((always_inline)) void qc_amx_block(const int8_t* qa, int64_t Kp, const int8_t* b0,
+                                                               const int8_t* b1, int32_t* acc) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kb = 0; kb < Kp / 64; ++kb) {
+        _tile_loadd(4, qa + kb * 64, Kp);
+        _tile_loadd(5, qa + 16 * Kp + kb * 64, Kp);
+        _tile_loadd(6, b0 + kb * 1024, 64);
+        _tile_loadd(7, b1 + kb * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, acc, 128);
+    _tile_stored(1, acc + 16, 128);
+    _tile_stored(2, acc + 16 * 32, 128);
+    _tile_stored(3, acc + 16 * 32 + 16, 128);
+}
+#endif
+
+int qc_amx_available(void) {
+#ifdef QC_AMX
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* What finishes a 32 x 32 tile: the W8A8 epilogue (sx: the token scales) or QUIK's (st, mt: the
+   token scales and minimums, rs, half, and the outlier columns xo / owt) */
+typedef struct {
+    int quik;
+    const float *sw, *bias, *sx, *st, *mt, *rs, *owt;
+    float half;
+    const void* xo;
+    int64_t ldxo, kout;
+} qc_amx_epilogue;
+
+/* The quantized activation qa [Mp, Kp] (Mp = M rounded up to 32, padding zero) times the packed
+   weight Bp (Np x Kp), each 32 x 32 tile finished into out [M, N] (dt, row stride ldo). */
+static void qc_amx_gemm(const int8_t* qa, int64_t M, int64_t Kp, const int8_t* Bp, int64_t Np,
+                        const qc_amx_epilogue* e, void* out, int dt, int64_t ldo, int64_t N, int nthreads) {
+#ifdef QC_AMX
+    const int64_t Mp = (M + 31) / 32 * 32;
+    int64_t rows = ((int64_t)1 << 20) / Kp / 32 * 32;   /* a super-block: <= 1 MiB of activation */
+    rows = rows < 32 ? 32 : (rows > Mp ? Mp : rows);
+    const int64_t nblocks = Np / 32;
+    const int esz = dt == F32 ? 4 : 2;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t j0 = nblocks * t / nt, j1 = nblocks * (t + 1) / nt;
+        int32_t acc[32 * 32] __attribute__((aligned(64)));
+        float* xs = e->quik && e->kout ? (float*)malloc((size_t)(QMR * e->kout) * sizeof(float)) : 0;
+        qc_amx_config();
+        for (int64_t r0 = 0; r0 < Mp; r0 += rows) {
+            const int64_t r1 = r0 + rows < Mp ? r0 + rows : Mp;
+            for (int64_t j = j0; j < j1; ++j) {
+                const int8_t* b0 = Bp + (2 * j) * (Kp / 64) * 1024;
+                const int8_t* b1 = b0 + (Kp / 64) * 1024;
+                const int64_t n0 = 32 * j, nc = N - n0 < 32 ? N - n0 : 32;
+                for (int64_t m0 = r0; m0 < r1 && m0 < M; m0 += 32) {
+                    qc_amx_block(qa + m0 * Kp, Kp, b0, b1, acc);
+                    const int64_t mr = M - m0 < 32 ? M - m0 : 32;
+                    char* o = (char*)out + (m0 * ldo + n0) * esz;
+                    if (!e->quik) {
+                        for (int64_t i = 0; i < mr; ++i)
+                            qc_w8a8_row_epilogue(acc + i * 32, e->sx[m0 + i], e->sw + n0, e->bias ? e->bias + n0 : NULL,
+                                                 o + i * ldo * esz, dt, nc);
+                        continue;
+                    }
+                    for (int64_t i = 0; i < mr; i += QMR) {
+                        const int r = (int)(mr - i < QMR ? mr - i : QMR);
+                        const int64_t m = m0 + i;
+                        qc_quik_block(acc + i * 32, 0, 32, e->st + m, e->mt + m, e->sw + n0, e->rs + n0, e->half,
+                                      e->kout ? (const char*)e->xo + m * e->ldxo * esz : 0, e->ldxo,
+                                      e->kout ? e->owt + n0 : 0, N, e->kout, e->bias ? e->bias + n0 : NULL,
+                                      o + i * ldo * esz, dt, ldo, r, nc, xs);
+                    }
+                }
+            }
+        }
+        _tile_release();
+        free(xs);
+    }
+#endif
+}
+
+/* zero the padding of qa [Mp, Kp] around its M x K quantized values */
+static void qc_amx_pad(int8_t* qa, int64_t M, int64_t K, int64_t Kp) {
+    const int64_t Mp = (M + 31) / 32 * 32;
+    if (Kp > K)
+        for (int64_t m = 0; m < M; ++m) memset(qa + m * Kp + K, 0, (size_t)(Kp - K));
+    if (Mp > M) memset(qa + M * Kp, 0, (size_t)((Mp - M) * Kp));
+}
+
+/* The W8A8 linear in one call: x [M, K] in dt (row stride ldx), Bp the packed weight (Np x Kp),
+   qa scratch of Mp * Kp bytes, sx scratch of M floats, out [M, N] in dt (row stride ldo). */
+void qc_w8a8_amx(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, const int8_t* Bp, int64_t Kp,
+                 int64_t Np, const float* sw, const float* bias, float static_scale, int8_t* qa, float* sx,
+                 void* out, int64_t ldo, int64_t N, int nthreads) {
+    qc_quant_sym(x, dt, M, K, ldx, qa, Kp, sx, static_scale, 0, nthreads);
+    qc_amx_pad(qa, M, K, Kp);
+    qc_amx_epilogue e = {0};
+    e.sw = sw; e.bias = bias; e.sx = sx;
+    qc_amx_gemm(qa, M, Kp, Bp, Np, &e, out, dt, ldo, N, nthreads);
+}
+
+/* QUIK's linear in one call: xq [M, Kq] the quantized columns in dt (row stride ldx), xo [M, kout]
+   the outlier columns (row stride ldxo; NULL when kout = 0), owt float32 [kout, N]; qa scratch of
+   Mp * Kp bytes, st and mt scratch of M floats each. */
+void qc_quik_amx(const void* xq, int dt, int64_t M, int64_t Kq, int64_t ldx, const int8_t* Bp, int64_t Kp,
+                 int64_t Np, const float* sw, const float* rs, int bits, const void* xo, int64_t ldxo,
+                 const float* owt, int64_t kout, const float* bias, int8_t* qa, float* st, float* mt,
+                 void* out, int64_t ldo, int64_t N, int nthreads) {
+    qc_quant_asym(xq, dt, M, Kq, ldx, qa, Kp, st, mt, bits, 0, nthreads);
+    qc_amx_pad(qa, M, Kq, Kp);
+    qc_amx_epilogue e = {0};
+    e.quik = 1; e.sw = sw; e.bias = bias; e.st = st; e.mt = mt; e.rs = rs; e.half = (float)(1 << (bits - 1));
+    e.xo = xo; e.ldxo = ldxo; e.owt = owt; e.kout = xo ? kout : 0;
+    qc_amx_gemm(qa, M, Kp, Bp, Np, &e, out, dt, ldo, N, nthreads);
+}
+"""
