@@ -19,7 +19,7 @@ tile state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
 """
 
 SOURCE = r"""
-#if defined(QC_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#if defined(QC_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
 #define QC_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -62,6 +62,28 @@ static inline __attribute__((always_inline)) void qc_amx_block(const int8_t* qa,
     _tile_stored(2, acc + 16 * 32, 128);
     _tile_stored(3, acc + 16 * 32 + 16, 128);
 }
+
+/* o (32 x 32 float32, row stride 32) = xo[32 rows, KOp] (bf16, row stride KOp) x (hi + lo) for the
+   columns of two 16-column strips of each (bf16 pairs, KOp / 32 tiles per strip): tdpbf16ps products
+   of bf16 values are exact in float32, hi + lo is the float16 outlier weight exactly */
+static inline __attribute__((always_inline)) void qc_amx_outlier_block(const uint16_t* xo, int64_t KOp,
+        const uint16_t* h0, const uint16_t* h1, const uint16_t* l0, const uint16_t* l1, float* o) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kb = 0; kb < KOp / 32; ++kb) {
+        _tile_loadd(4, xo + kb * 32, KOp * 2);
+        _tile_loadd(5, xo + 16 * KOp + kb * 32, KOp * 2);
+        _tile_loadd(6, h0 + kb * 512, 64);
+        _tile_loadd(7, h1 + kb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(6, l0 + kb * 512, 64);
+        _tile_loadd(7, l1 + kb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, o, 128);
+    _tile_stored(1, o + 16, 128);
+    _tile_stored(2, o + 16 * 32, 128);
+    _tile_stored(3, o + 16 * 32 + 16, 128);
+}
 #endif
 
 int qc_amx_available(void) {
@@ -73,13 +95,16 @@ int qc_amx_available(void) {
 }
 
 /* What finishes a 32 x 32 tile: the W8A8 epilogue (sx: the token scales) or QUIK's (st, mt: the
-   token scales and minimums, rs, half, and the outlier columns xo / owt) */
+   token scales and minimums, rs, half, and the outlier columns: xo / owt for float32 fused
+   multiply-adds, or xob / obp for bf16 tiles) */
 typedef struct {
     int quik;
     const float *sw, *bias, *sx, *st, *mt, *rs, *owt;
     float half;
     const void* xo;
     int64_t ldxo, kout;
+    const uint16_t *xob, *obp;   /* bf16 outlier activations [Mp, KOp] and packed weight (hi, lo) */
+    int64_t KOp;
 } qc_amx_epilogue;
 
 /* The quantized activation qa [Mp, Kp] (Mp = M rounded up to 32, padding zero) times the packed
@@ -97,6 +122,8 @@ static void qc_amx_gemm(const int8_t* qa, int64_t M, int64_t Kp, const int8_t* B
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t j0 = nblocks * t / nt, j1 = nblocks * (t + 1) / nt;
         int32_t acc[32 * 32] __attribute__((aligned(64)));
+        float ofl[32 * 32] __attribute__((aligned(64)));
+        const int64_t obstrip = e->KOp / 32 * 512, obhalf = Np / 16 * obstrip;
         float* xs = e->quik && e->kout ? (float*)malloc((size_t)(QMR * e->kout) * sizeof(float)) : 0;
         qc_amx_config();
         for (int64_t r0 = 0; r0 < Mp; r0 += rows) {
@@ -115,13 +142,19 @@ static void qc_amx_gemm(const int8_t* qa, int64_t M, int64_t Kp, const int8_t* B
                                                  o + i * ldo * esz, dt, nc);
                         continue;
                     }
+                    if (e->xob) {
+                        const uint16_t* h0 = e->obp + 2 * j * obstrip;
+                        qc_amx_outlier_block(e->xob + m0 * e->KOp, e->KOp, h0, h0 + obstrip, h0 + obhalf,
+                                             h0 + obhalf + obstrip, ofl);
+                    }
+                    const int64_t kout = e->xob ? 0 : e->kout;
                     for (int64_t i = 0; i < mr; i += QMR) {
                         const int r = (int)(mr - i < QMR ? mr - i : QMR);
                         const int64_t m = m0 + i;
                         qc_quik_block(acc + i * 32, 0, 32, e->st + m, e->mt + m, e->sw + n0, e->rs + n0, e->half,
-                                      e->kout ? (const char*)e->xo + m * e->ldxo * esz : 0, e->ldxo,
-                                      e->kout ? e->owt + n0 : 0, N, e->kout, e->bias ? e->bias + n0 : NULL,
-                                      o + i * ldo * esz, dt, ldo, r, nc, xs);
+                                      kout ? (const char*)e->xo + m * e->ldxo * esz : 0, e->ldxo,
+                                      kout ? e->owt + n0 : 0, N, kout, e->bias ? e->bias + n0 : NULL,
+                                      o + i * ldo * esz, dt, ldo, r, nc, xs, e->xob ? ofl + i * 32 : NULL, 32);
                     }
                 }
             }
@@ -154,16 +187,25 @@ void qc_w8a8_amx(const void* x, int dt, int64_t M, int64_t K, int64_t ldx, const
 
 /* QUIK's linear in one call: xq [M, Kq] the quantized columns in dt (row stride ldx), xo [M, kout]
    the outlier columns (row stride ldxo; NULL when kout = 0), owt float32 [kout, N]; qa scratch of
-   Mp * Kp bytes, st and mt scratch of M floats each. */
+   Mp * Kp bytes, st and mt scratch of M floats each. With bf16 activations and obp (the outlier
+   weight as bf16 hi + lo tiles, KOp = kout rounded up to 32) the outlier product runs on bf16 tiles,
+   its activations copied into xob (scratch of Mp * KOp bf16); else obp and xob are NULL. */
 void qc_quik_amx(const void* xq, int dt, int64_t M, int64_t Kq, int64_t ldx, const int8_t* Bp, int64_t Kp,
                  int64_t Np, const float* sw, const float* rs, int bits, const void* xo, int64_t ldxo,
-                 const float* owt, int64_t kout, const float* bias, int8_t* qa, float* st, float* mt,
-                 void* out, int64_t ldo, int64_t N, int nthreads) {
+                 const float* owt, int64_t kout, const uint16_t* obp, int64_t KOp, uint16_t* xob,
+                 const float* bias, int8_t* qa, float* st, float* mt, void* out, int64_t ldo, int64_t N,
+                 int nthreads) {
     qc_quant_asym(xq, dt, M, Kq, ldx, qa, Kp, st, mt, bits, 0, nthreads);
     qc_amx_pad(qa, M, Kq, Kp);
     qc_amx_epilogue e = {0};
     e.quik = 1; e.sw = sw; e.bias = bias; e.st = st; e.mt = mt; e.rs = rs; e.half = (float)(1 << (bits - 1));
     e.xo = xo; e.ldxo = ldxo; e.owt = owt; e.kout = xo ? kout : 0;
+    if (e.kout && obp && xob && dt == BF16) {
+        const int64_t Mp = (M + 31) / 32 * 32;
+        memset(xob, 0, (size_t)(Mp * KOp) * 2);
+        for (int64_t m = 0; m < M; ++m) memcpy(xob + m * KOp, (const uint16_t*)xo + m * ldxo, (size_t)kout * 2);
+        e.xob = xob; e.obp = obp; e.KOp = KOp;
+    }
     qc_amx_gemm(qa, M, Kp, Bp, Np, &e, out, dt, ldo, N, nthreads);
 }
 """

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qcompile.formats import is_packed
-from qcompile.formats.cpu_layout import (amx_int8_layout, gemv_layout, int4pack_layout, int8_colsum, int8pack_scale,
-                                        quik_int8_weight)
+from qcompile.formats.cpu_layout import (amx_bf16_pair_layout, amx_int8_layout, gemv_layout, int4pack_layout,
+                                        int8_colsum, int8pack_scale, quik_int8_weight)
 from qcompile.kernels import cpu_native, cpu_ops
 from qcompile.kernels.tensor_stamp import TensorStamp
 from qcompile.kernels.w4a4_outlier_gemm import (split_outlier_columns, w4a4_outlier_linear_reference,
@@ -366,9 +366,16 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
         kp, np_ = packed.shape[1] * 64, packed.shape[0] * 16
         qa = _scratch("qx", (-(-m // 32) * 32, kp), torch.int8)
         st, mt = _scratch("st", (m,), torch.float32), _scratch("mt", (m,), torch.float32)
+        tiles = xob = None  # the outlier product on bf16 tiles (bf16 activations), else float32 FMAs
+        if k_out and x.dtype == torch.bfloat16:
+            tiles = _layout(qweight, "quik_amx_outliers", (outlier_weight,),
+                            lambda: amx_bf16_pair_layout(outlier_weight))
+        kop = -(-k_out // 32) * 32
+        if tiles is not None:
+            xob = _scratch("xob", (qa.shape[0], kop), torch.bfloat16)
         nat.qc_quik_amx(xq_ptr, code, m, kq, ldq, packed.data_ptr(), kp, np_, prep.sw.data_ptr(), rs.data_ptr(),
-                        a_bits, *xo_args, _ptr(prep.bias), qa.data_ptr(), st.data_ptr(), mt.data_ptr(),
-                        out.data_ptr(), n, n, nt)
+                        a_bits, *xo_args, _ptr(tiles), kop, _ptr(xob), _ptr(prep.bias), qa.data_ptr(),
+                        st.data_ptr(), mt.data_ptr(), out.data_ptr(), n, n, nt)
         return out.reshape(*lead, n)
     u8 = backend == "onednn"
     rows = row_block(m, kq, n, backend)

@@ -115,7 +115,8 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_amx_available": [],
         "qc_amx_enable": [],
         "qc_w8a8_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, F, P, P, P, I64, I64, I],
-        "qc_quik_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I64, P, I64, P, P, P, P, P, I64, I64, I],
+        "qc_quik_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I64, P, I64, P, I64, P, P, P, P, P, P, I64,
+                        I64, I],
         "qc_flash_attention": [P, I64, I64, I64] * 4 + [I64] * 6 + [F, I, I],
     }
     for name, args in sigs.items():

@@ -336,11 +336,13 @@ static inline __attribute__((always_inline)) void quik_outlier_tile(
 }
 #endif
 /* One block of mr <= QMR rows and N columns of the QUIK epilogue; row i of acc, out, xo, st, mt is
-   i rows after the given pointers; owt's rows are ldow floats apart; xs: QMR * kout floats of scratch. */
+   i rows after the given pointers; owt's rows are ldow floats apart; xs: QMR * kout floats of scratch.
+   opre (or NULL): the outlier columns' product already computed (float32, rows ldop apart; the AMX
+   kernel's bf16 tiles), added in its place (kout is then 0). */
 static inline void qc_quik_block(const void* acc, int acc_is_float, int64_t lda, const float* st, const float* mt,
                                  const float* sw, const float* rs, float half, const void* xo, int64_t ldxo,
                                  const float* owt, int64_t ldow, int64_t kout, const float* bias, void* out, int dt,
-                                 int64_t ldo, int mr, int64_t N, float* xs) {
+                                 int64_t ldo, int mr, int64_t N, float* xs, const float* opre, int64_t ldop) {
     const int esz = dt == F32 ? 4 : 2;
     for (int i = 0; i < mr; ++i)
         for (int64_t j = 0; j < kout; ++j) xs[j * QMR + i] = load1((const char*)xo + i * ldxo * esz, dt, j);
@@ -360,6 +362,9 @@ static inline void qc_quik_block(const void* acc, int acc_is_float, int64_t lda,
         else if (mr == 3) quik_outlier_tile(3, xs, owt, kout, ldow, n, km, o);
         else if (mr == 2) quik_outlier_tile(2, xs, owt, kout, ldow, n, km, o);
         else quik_outlier_tile(1, xs, owt, kout, ldow, n, km, o);
+        if (opre)
+            for (int i = 0; i < mr; ++i)
+                for (int v = 0; v < 2; ++v) o[i][v] = _mm512_maskz_loadu_ps(km[v], opre + i * ldop + n + 16 * v);
         for (int i = 0; i < mr; ++i) {
             const float s = st[i];
             const __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(mt[i] + half * s);
@@ -374,7 +379,7 @@ static inline void qc_quik_block(const void* acc, int acc_is_float, int64_t lda,
                 __m512 t1 = _mm512_mul_ps(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(km[v], sw + c)), a);
                 __m512 t2 = _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(km[v], rs + c));
                 __m512 y = _mm512_add_ps(t1, t2);
-                if (kout) y = _mm512_add_ps(y, o[i][v]);
+                if (kout || opre) y = _mm512_add_ps(y, o[i][v]);
                 if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(km[v], bias + c));
                 store16(orow, dt, c, y, cnt[v]);
             }
@@ -392,6 +397,7 @@ static inline void qc_quik_block(const void* acc, int acc_is_float, int64_t lda,
                 for (int64_t j = 0; j < kout; ++j) o = fmaf(xs[j * QMR + i], owt[j * ldow + n], o);
                 y = y + o;
             }
+            if (opre) y = y + opre[i * ldop + n];
             if (bias) y = y + bias[n];
             store1((char*)out + i * ldo * esz, dt, n, y);
         }
@@ -410,7 +416,7 @@ void qc_epilogue_quik(const void* acc, int acc_is_float, int64_t lda, const floa
         float* xs = kout ? (float*)malloc((size_t)(QMR * kout) * sizeof(float)) : 0;
         qc_quik_block((const char*)acc + m0 * lda * 4, acc_is_float, lda, st + m0, mt + m0, sw, rs, half,
                       kout ? (const char*)xo + m0 * ldxo * esz : 0, ldxo, owt, N, kout, bias,
-                      (char*)out + m0 * ldo * esz, dt, ldo, mr, N, xs);
+                      (char*)out + m0 * ldo * esz, dt, ldo, mr, N, xs, NULL, 0);
         free(xs);
     }
 }

@@ -10,7 +10,8 @@ re-laid-out per call. Plain torch only (the format layer imports nothing else).
 |---|---|---|
 | W8A8, QUIK W8 | ``qweight`` as stored (int8 [N, K]) + ``colsum`` int32 [N] | VNNI GEMV (small M) |
 | W8A8, QUIK W8 | ``qweight.t()`` (a view, [K, N]) | ``torch._int_mm`` (larger M) |
-| W8A8 on AMX CPUs | ``amx_int8_layout``: zero-padded to 32 x 64, [N/16][K/64][16][16][4] B tiles | ``qc_w8a8_amx`` (larger M) |
+| W8A8, QUIK on AMX CPUs | ``amx_int8_layout``: zero-padded to 32 x 64, [N/16][K/64][16][16][4] B tiles | ``qc_w8a8_amx``, ``qc_quik_amx`` |
+| QUIK outlier weight, AMX | ``amx_bf16_pair_layout``: bf16 hi and lo parts, [2][N/16][k_out/32][16][16][2] B tiles | ``qc_quik_amx`` |
 | QUIK W4 | ``unpack_int4(qweight)`` int8 [N, Kq] (int4 values are int8 values) + ``colsum`` | both of the above |
 | weight-only W4/W3 (packed) | ``_convert_weight_to_int4pack_for_cpu(q + 8)`` + scales/zeros [K/g, N, 2] | ``torch._weight_int4pack_mm_for_cpu`` |
 | weight-only W8 (symmetric, per row) | ``qweight`` as stored + ``scale`` [N] in the activation dtype | ``torch._weight_int8pack_mm`` |
@@ -24,7 +25,8 @@ import torch
 from qcompile.formats.numerics import is_packed, unpack_int4, unpack_weight
 
 __all__ = ["INT4PACK_GROUPS", "int4pack_group", "int4pack_layout", "int8_colsum", "quik_int8_weight",
-           "int8pack_scale", "gemv_layout", "amx_int8_layout"]
+           "int8pack_scale", "gemv_layout", "amx_int8_layout",
+           "amx_bf16_pair_layout"]
 
 # group sizes _weight_int4pack_mm_for_cpu accepts (it also needs N % 16 == 0 and K % group == 0)
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -43,6 +45,23 @@ def amx_int8_layout(qweight: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(np_, kp, dtype=torch.int8)
     padded[:n, :k] = qweight
     return padded.view(np_ // 16, 16, kp // 64, 16, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_bf16_pair_layout(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float [N, K] weight as two bf16 parts, hi = bf16(w) and lo = bf16(w - hi), each laid out as
+    AMX bf16 B tiles (N padded to 32, K to 32 with zeros; [N/16][K/32][16 (k pairs)][16 (columns)][2])
+    and stacked [2, ...]: x @ hi + x @ lo is x @ w with every product exact in float32, for bf16 x.
+    None when hi + lo is not w exactly (a float32 weight with more than 16 significant bits)."""
+    w = weight.float()
+    hi = w.bfloat16()
+    lo = (w - hi.float()).bfloat16()
+    if not torch.equal(hi.float() + lo.float(), w):
+        return None
+    n, k = w.shape
+    np_, kp = -(-n // 32) * 32, -(-k // 32) * 32
+    parts = torch.zeros(2, np_, kp, dtype=torch.bfloat16)
+    parts[0, :n, :k], parts[1, :n, :k] = hi, lo
+    return parts.view(2, np_ // 16, 16, kp // 32, 16, 2).permute(0, 1, 3, 4, 2, 5).contiguous()
 
 
 def quik_int8_weight(qweight: torch.Tensor, kq: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 import qcompile  # noqa: F401  (registers the ops)
 from qcompile.formats import PerGroup, PerRow, pack_int4, pack_weight, quantize_weight, row_sum
-from qcompile.formats.cpu_layout import amx_int8_layout
+from qcompile.formats.cpu_layout import amx_bf16_pair_layout, amx_int8_layout
 from qcompile.kernels import cpu_linear as cl
 from qcompile.kernels import cpu_native, ops
 from qcompile.kernels.w4a4_outlier_gemm import split_outlier_columns, w4a4_outlier_linear_reference
@@ -99,6 +99,22 @@ def test_amx_layout_holds_each_weight_where_the_tile_product_reads_it():
     assert not got[:, n:].any() and packed.view(-1).count_nonzero() == w.count_nonzero()
 
 
+def test_amx_bf16_pair_layout_splits_the_weight_exactly():
+    """hi + lo is the float16 outlier weight exactly (else None), laid out as bf16 B tiles whose
+    tile product (C[m, c] += sum over pairs p and i of A[m, 2 p + i] * B[p, 2 c + i]) is x @ w.T."""
+    g = _gen(4)
+    n, k, m = 40, 37, 3
+    w = (torch.randn(n, k, generator=g) * 30).half()
+    packed = amx_bf16_pair_layout(w)
+    assert packed.shape == (2, 64 // 16, 64 // 32, 16, 16, 2)
+    x = torch.zeros(m, 64, dtype=torch.float64)
+    x[:, :k] = torch.randn(m, k, generator=g).bfloat16().double()
+    a = x.view(m, 2, 16, 2)                                            # [m, kb, p, i]
+    got = torch.einsum("mbpi,hjbpci->mjc", a, packed.double()).reshape(m, 64)
+    assert torch.allclose(got[:, :n], x[:, :k] @ w.double().T, rtol=0, atol=1e-9)
+    assert amx_bf16_pair_layout(torch.randn(4, 8, generator=g) / 3) is None  # float32 needs more than 16 bits
+
+
 def test_amx_serves_every_call_above_the_gemv_on_amx_cpus():
     if not cpu_native.amx_ready():
         pytest.skip("no AMX on this CPU")
@@ -150,16 +166,19 @@ def test_quik_equals_the_reference(backend, dtype, a_bits, layout, m):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("m,n,k_out", [(1, 1, 1), (3, 17, 33), (4, 32, 32), (9, 47, 64), (130, 161, 5)])
-def test_quik_outlier_columns_on_odd_shapes(backend, m, n, k_out):
+@pytest.mark.parametrize("m,n,k_out", [(1, 1, 1), (3, 17, 33), (4, 32, 32), (9, 47, 64), (130, 161, 5),
+                                       (70, 40, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quik_outlier_columns_on_odd_shapes(backend, m, n, k_out, dtype):
     """Row blocks of 4 and column pairs of 16 lanes with every kind of tail; large outlier values
-    (the product's rounding is what differs from the reference, not the integer part)."""
+    (the product's rounding is what differs from the reference, not the integer part). With bf16
+    activations on AMX the product runs on bf16 tiles (the weight split into exact hi + lo parts)."""
     g = _gen(m * n + k_out)
     k = 64 + k_out
     q = torch.randint(-8, 8, (n, k - k_out), dtype=torch.int8, generator=g)
     sw = torch.rand(n, generator=g) * 0.1 + 0.01
     ow = (torch.randn(n, k_out, generator=g) * 30).half()
-    x = torch.randn(m, k, generator=g) * torch.cat([torch.ones(k - k_out), torch.full((k_out,), 50.0)])
+    x = (torch.randn(m, k, generator=g) * torch.cat([torch.ones(k - k_out), torch.full((k_out,), 50.0)])).to(dtype)
     args = (x, pack_int4(q), sw, row_sum(q, sw), ow, None, None, None, 4)
     _assert_quik_matches(cl.w4a4_outlier_linear_cpu(*args), w4a4_outlier_linear_reference(*args), x, ow, None, None)
     column_major = x.T.contiguous().T  # the same values, rows not contiguous: the same result
