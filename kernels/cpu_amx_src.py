@@ -30,8 +30,20 @@ typedef struct {
     uint8_t rows[16];
 } qc_tilecfg;
 
+static int qc_amx_granted = 0;  /* the kernel granted this process AMX tile data */
+static int qc_amx_on = 0;       /* ... and the attention kernel multiplies on tiles (qc_amx_attention) */
+
 int qc_amx_enable(void) {  /* 1 once the kernel lets this process use AMX tile data */
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    if (!qc_amx_granted) {
+        qc_amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+        qc_amx_on = qc_amx_granted;
+    }
+    return qc_amx_granted;
+}
+
+int qc_amx_attention(int on) {  /* the attention kernel on tiles (on = 1, once granted) or on dot products */
+    qc_amx_on = on && qc_amx_granted;
+    return qc_amx_on;
 }
 
 static inline void qc_amx_config(void) {
@@ -83,6 +95,64 @@ static inline __attribute__((always_inline)) void qc_amx_outlier_block(const uin
     _tile_stored(1, o + 16, 128);
     _tile_stored(2, o + 16 * 32, 128);
     _tile_stored(3, o + 16 * 32 + 16, 128);
+}
+
+/* The prefill attention's two products on bf16 tiles (cpu_attention_src calls them when qc_amx_on):
+   S [64][64] float32 = Qb [64][D] (bf16, zero rows past the block) x the block's keys (4 strips of
+   [D/2][16][2], the layout tdpbf16ps reads as B tiles) */
+static void qc_amx_scores(const uint16_t* Qb, int64_t D, const uint16_t* kp, float* S) {
+    const int64_t dp = D / 2;
+    for (int r = 0; r < 64; r += 32)
+        for (int c = 0; c < 64; c += 32) {
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            const uint16_t* k0 = kp + (c / 16) * dp * 32;
+            const uint16_t* k1 = k0 + dp * 32;
+            for (int64_t d = 0; d < D; d += 32) {
+                _tile_loadd(4, Qb + r * D + d, D * 2);
+                _tile_loadd(5, Qb + (r + 16) * D + d, D * 2);
+                _tile_loadd(6, k0 + d * 16, 64);
+                _tile_loadd(7, k1 + d * 16, 64);
+                _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, S + r * 64 + c, 256);
+            _tile_stored(1, S + r * 64 + c + 16, 256);
+            _tile_stored(2, S + (r + 16) * 64 + c, 256);
+            _tile_stored(3, S + (r + 16) * 64 + c + 16, 256);
+        }
+}
+
+/* O [64][D] float32 += P [64][64] (bf16) x the block's values ([32 key pairs][D][2]) */
+static void qc_amx_values(const uint16_t* P, const uint16_t* vp, int64_t D, float* O) {
+    for (int r = 0; r < 64; r += 32)
+        for (int64_t c = 0; c < D; c += 32) {
+            _tile_loadd(0, O + r * D + c, D * 4);
+            _tile_loadd(1, O + r * D + c + 16, D * 4);
+            _tile_loadd(2, O + (r + 16) * D + c, D * 4);
+            _tile_loadd(3, O + (r + 16) * D + c + 16, D * 4);
+            for (int kb = 0; kb < 64; kb += 32) {
+                _tile_loadd(4, P + r * 64 + kb, 128);
+                _tile_loadd(5, P + (r + 16) * 64 + kb, 128);
+                _tile_loadd(6, vp + ((kb / 2) * D + c) * 2, D * 4);
+                _tile_loadd(7, vp + ((kb / 2) * D + c + 16) * 2, D * 4);
+                _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, O + r * D + c, D * 4);
+            _tile_stored(1, O + r * D + c + 16, D * 4);
+            _tile_stored(2, O + (r + 16) * D + c, D * 4);
+            _tile_stored(3, O + (r + 16) * D + c + 16, D * 4);
+        }
+}
+#endif
+
+#ifndef QC_AMX  /* stand-ins the attention kernel links against; never called (qc_amx_on is 0) */
+static const int qc_amx_on = 0;
+int qc_amx_enable(void) { return 0; }
+int qc_amx_attention(int on) { (void)on; return 0; }
+static void qc_amx_scores(const uint16_t* Qb, int64_t D, const uint16_t* kp, float* S) {
+    (void)Qb; (void)D; (void)kp; (void)S;
+}
+static void qc_amx_values(const uint16_t* P, const uint16_t* vp, int64_t D, float* O) {
+    (void)P; (void)vp; (void)D; (void)O;
 }
 #endif
 

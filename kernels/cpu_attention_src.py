@@ -6,7 +6,10 @@ online softmax in float32 (base-2 exponent with a polynomial, relative error abo
 probabilities rounded to bfloat16 for the value product (``vdpbf16ps`` again, float32 output
 accumulators), and the rows divided by their softmax sums at the end. Causal masking skips the key
 blocks above the diagonal. Key and value heads are shared by ``H / Hkv`` query heads (GQA); key
-and value are first laid out once per call in the pair-interleaved tiles ``vdpbf16ps`` reads.
+and value are first laid out once per call in the pair-interleaved tiles ``vdpbf16ps`` reads. On
+CPUs with AMX (``qc_amx_on``, head size a multiple of 32) both products run on bf16 tiles instead
+(``qc_amx_scores`` / ``qc_amx_values`` in ``cpu_amx_src``: the same layouts are AMX B tiles), the
+softmax between them unchanged.
 
 Unlike the other helpers this one is not bit for bit equal to a torch operation: SDPA sums in an
 order (and a precision for the probabilities) of its own. It agrees with float32 attention to
@@ -132,8 +135,14 @@ int qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst,
         float* S = (float*)aligned_alloc(64, QA_BQ * QA_BK * sizeof(float));
         uint16_t* P = (uint16_t*)aligned_alloc(64, QA_BQ * QA_BK * sizeof(uint16_t));
         float* O = (float*)aligned_alloc(64, QA_BQ * QA_DMAX * sizeof(float));
-        float m[QA_BQ], l[QA_BQ];
-        const int ok = S != NULL && P != NULL && O != NULL;
+        float m[QA_BQ];
+        __m512 lv[QA_BQ];  /* each row's softmax sum, 16 lanes wide until the end */
+        const int tiles = qc_amx_on && D % 32 == 0;  /* AMX tiles for both products (qc_amx_enable ran) */
+#ifdef QC_AMX
+        if (tiles) qc_amx_config();
+#endif
+        uint16_t* Qb = tiles ? (uint16_t*)aligned_alloc(64, QA_BQ * QA_DMAX * sizeof(uint16_t)) : NULL;
+        const int ok = S != NULL && P != NULL && O != NULL && (!tiles || Qb != NULL);
         if (!ok) {
             #pragma omp atomic write
             failed = 1;
@@ -147,49 +156,62 @@ int qc_flash_attention(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qst,
             const uint16_t* qr = q + b * qsb + h * qsh + i0 * qst;
             const int64_t kvh = b * Hkv + h / groups;
             const int64_t jend = causal ? (i0 + nr + off < Lk ? i0 + nr + off : Lk) : Lk;
-            for (int i = 0; i < nr; ++i) { m[i] = -INFINITY; l[i] = 0.0f; }
-            memset(O, 0, (size_t)(nr * D) * sizeof(float));
+            for (int i = 0; i < nr; ++i) { m[i] = -INFINITY; lv[i] = _mm512_setzero_ps(); }
+            memset(O, 0, (size_t)((tiles ? QA_BQ : nr) * D) * sizeof(float));
+            if (tiles) {  /* the block's queries, zero-padded to 64 rows (tile loads read whole rows) */
+                memset(Qb, 0, (size_t)(QA_BQ * D) * 2);
+                for (int i = 0; i < nr; ++i) memcpy(Qb + i * D, qr + i * qst, (size_t)D * 2);
+                memset(P, 0, QA_BQ * QA_BK * sizeof(uint16_t));
+            }
             for (int64_t j0 = 0; j0 < jend; j0 += QA_BK) {
-                qa_scores(qr, qst, (int)nr, kp + kvh * per + (j0 / 16) * dp * 32, D, S);
+                if (tiles) qc_amx_scores(Qb, D, kp + kvh * per + (j0 / 16) * dp * 32, S);
+                else qa_scores(qr, qst, (int)nr, kp + kvh * per + (j0 / 16) * dp * 32, D, S);
                 for (int i = 0; i < nr; ++i) {
-                    float* s = S + i * QA_BK;
+                    const float* s = S + i * QA_BK;
                     const int64_t last = causal ? i0 + i + off : Lk - 1;  /* the last key row i sees */
                     const int64_t valid = last - j0 + 1 < QA_BK ? last - j0 + 1 : QA_BK;
-                    __m512 mx = _mm512_set1_ps(-INFINITY);
+                    __m512 x[4], mx = _mm512_set1_ps(-INFINITY);
                     for (int t = 0; t < 4; ++t) {
-                        const int64_t n = valid - 16 * t;
-                        const __mmask16 keep = n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1u);
-                        __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * t), _mm512_set1_ps(sl2));
-                        x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, x);
-                        _mm512_storeu_ps(s + 16 * t, x);
-                        mx = _mm512_max_ps(mx, x);
+                        x[t] = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * t), _mm512_set1_ps(sl2));
+                        if (valid < QA_BK) {  /* the diagonal block, or the keys' end */
+                            const int64_t n = valid - 16 * t;
+                            const __mmask16 keep = n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1u);
+                            x[t] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, x[t]);
+                        }
+                        mx = _mm512_max_ps(mx, x[t]);
                     }
-                    const float mnew = fmaxf(m[i], _mm512_reduce_max_ps(mx));
-                    const float alpha = m[i] == -INFINITY ? 0.0f : exp2f(m[i] - mnew);
-                    m[i] = mnew;
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int t = 0; t < 4; ++t) {
-                        const __m512 p = qa_exp2(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * t), _mm512_set1_ps(mnew)));
-                        sum = _mm512_add_ps(sum, p);
-                        _mm256_storeu_si256((__m256i*)(P + i * QA_BK + 16 * t), (__m256i)_mm512_cvtneps_pbh(p));
-                    }
-                    l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
-                    if (alpha != 1.0f) {
-                        const __m512 a = _mm512_set1_ps(alpha);
+                    const float bmax = _mm512_reduce_max_ps(mx);
+                    if (bmax > m[i]) {  /* a new running maximum: rescale the row's sums and output */
+                        const __m512 a = m[i] == -INFINITY ? _mm512_setzero_ps()
+                                                           : qa_exp2(_mm512_set1_ps(m[i] - bmax));
+                        m[i] = bmax;
+                        lv[i] = _mm512_mul_ps(lv[i], a);
                         for (int64_t d = 0; d < D; d += 16)
                             _mm512_storeu_ps(O + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + i * D + d), a));
                     }
+                    const __m512 mv = _mm512_set1_ps(m[i]);
+                    __m512 p[4];
+                    for (int t = 0; t < 4; ++t) {
+                        p[t] = qa_exp2(_mm512_sub_ps(x[t], mv));
+                        _mm256_storeu_si256((__m256i*)(P + i * QA_BK + 16 * t), (__m256i)_mm512_cvtneps_pbh(p[t]));
+                    }
+                    /* a tree, not a chain of four dependent additions */
+                    lv[i] = _mm512_add_ps(lv[i], _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3])));
                 }
-                qa_values(P, (int)nr, vp + kvh * per + j0 * D, D, O);
+                if (tiles) qc_amx_values(P, vp + kvh * per + j0 * D, D, O);
+                else qa_values(P, (int)nr, vp + kvh * per + j0 * D, D, O);
             }
             uint16_t* orow = out + b * osb + h * osh + i0 * ost;
             for (int i = 0; i < nr; ++i) {
-                const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
+                const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lv[i]));
                 for (int64_t d = 0; d < D; d += 16)
                     store16(orow + i * ost, BF16, d, _mm512_mul_ps(_mm512_loadu_ps(O + i * D + d), inv), 16);
             }
         }
-        free(S); free(P); free(O);
+#ifdef QC_AMX
+        if (tiles) _tile_release();
+#endif
+        free(S); free(P); free(O); free(Qb);
     }
     free(kp);
     return failed;

@@ -51,8 +51,7 @@ from qcompile.formats.cpu_layout import (amx_bf16_pair_layout, amx_int8_layout, 
                                         int8_colsum, int8pack_scale, quik_int8_weight)
 from qcompile.kernels import cpu_native, cpu_ops
 from qcompile.kernels.tensor_stamp import TensorStamp
-from qcompile.kernels.w4a4_outlier_gemm import (split_outlier_columns, w4a4_outlier_linear_reference,
-                                                weight_bits_of)
+from qcompile.kernels.w4a4_outlier_gemm import w4a4_outlier_linear_reference, weight_bits_of
 from qcompile.kernels.w8a8_gemm import w8a8_linear_reference
 from qcompile.kernels.weight_only_gemm import weight_only_linear_reference
 
@@ -315,6 +314,17 @@ def w8a8_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | 
 
 # ---------------------------------------------------------------------------------------- QUIK
 
+def _column_order(k: int, outlier_idx: Tensor | None, perm: Tensor | None) -> Tensor:
+    """The activation columns in the order ``split_outlier_columns`` gives them: the quantized
+    columns, then the outlier columns (int64 [K])."""
+    order = torch.arange(k) if perm is None else perm.to("cpu", torch.int64)
+    if outlier_idx is not None:
+        keep = torch.ones(k, dtype=torch.bool)
+        keep[outlier_idx.cpu()] = False
+        order = torch.cat([order[keep], order[outlier_idx.cpu()]])
+    return order.contiguous()
+
+
 def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum: Tensor,
                             outlier_weight: Tensor, outlier_idx: Tensor | None = None,
                             perm: Tensor | None = None, bias: Tensor | None = None, a_bits: int = 4) -> Tensor:
@@ -345,11 +355,14 @@ def w4a4_outlier_linear_cpu(x: Tensor, qweight: Tensor, w_scale: Tensor, row_sum
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         xq_ptr, ldq, xo_ptr, ldo = x2.data_ptr(), x2.stride(0), x2.data_ptr() + kq * x2.element_size(), x2.stride(0)
-    else:
-        xq, xo = split_outlier_columns(x2, k_out, outlier_idx, perm)  # the reference's own split
-        xq = xq if xq.stride(-1) == 1 else xq.contiguous()
-        xo = xo if xo.stride(-1) == 1 else xo.contiguous()
-        xq_ptr, ldq, xo_ptr, ldo = xq.data_ptr(), xq.stride(0), xo.data_ptr(), xo.stride(0)
+    else:  # the reference's split (split_outlier_columns) as one native gather: [quantized | outlier] columns
+        order = _layout(qweight, "quik_columns", (outlier_idx, perm), lambda: _column_order(k, outlier_idx, perm))
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        xg = _scratch("gathered", (m, k), x.dtype)
+        nat.qc_gather_cols(x2.data_ptr(), _FLOAT_CODES[x.dtype], m, x2.stride(0), order.data_ptr(), k, xg.data_ptr(),
+                           k, torch.get_num_threads())
+        xq_ptr, ldq, xo_ptr, ldo = xg.data_ptr(), k, xg.data_ptr() + kq * xg.element_size(), k
     # the outlier columns' float product is computed inside the native epilogue (float32 FMAs)
     xo_args = (xo_ptr, ldo, prep.extra["owt"].data_ptr(), k_out) if k_out else (None, 0, None, 0)
     nt = torch.get_num_threads()

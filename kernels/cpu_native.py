@@ -37,7 +37,7 @@ from qcompile.kernels.cpu_amx_src import SOURCE as _AMX_SOURCE
 from qcompile.kernels.cpu_attention_src import SOURCE as _ATTENTION_SOURCE
 from qcompile.kernels.cpu_native_src import SOURCE as _HELPER_SOURCE
 
-__all__ = ["lib", "available", "has_vnni", "has_amx", "amx_ready", "DTYPE_CODE", "build_error",
+__all__ = ["lib", "available", "has_vnni", "has_amx", "amx_ready", "set_amx_attention", "DTYPE_CODE", "build_error",
            "build_shared_library", "disabled", "find_compiler"]
 
 log = logging.getLogger("qcompile.kernels.cpu")
@@ -46,7 +46,7 @@ DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
           "-std=gnu11"]
 _build_error: str | None = None
-SOURCE = _HELPER_SOURCE + _ATTENTION_SOURCE + _AMX_SOURCE  # one library: helpers, prefill attention, AMX GEMM
+SOURCE = _HELPER_SOURCE + _AMX_SOURCE + _ATTENTION_SOURCE  # one library: helpers, AMX GEMMs, prefill attention
 
 
 def _cache_dir() -> Path:
@@ -107,6 +107,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_gemv_u8s8": [P, I64, P, I64, P, P, I64, I64, I64, I64, I],
         "qc_epilogue_w8a8": [P, I, I64, P, P, P, P, I, I64, I64, I64, I],
         "qc_epilogue_quik": [P, I, I64, P, P, P, P, F, P, I64, P, I64, P, P, I, I64, I64, I64, I],
+        "qc_gather_cols": [P, I, I64, I64, P, I64, P, I64, I],
         "qc_dequant": [P, I, I64, I64, I64, P, P, I64, I64, P, I64, I, I],
         "qc_w8a8_small": [P, I, I64, I64, I64, P, I64, P, P, P, F, P, I64, I],
         "qc_quik_small": [P, I, I64, I64, I64, P, I64, P, P, P, I, P, I64, P, I64, P, P, I64, I],
@@ -114,6 +115,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_attention_available": [],
         "qc_amx_available": [],
         "qc_amx_enable": [],
+        "qc_amx_attention": [I],
         "qc_w8a8_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, F, P, P, P, I64, I64, I],
         "qc_quik_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I64, P, I64, P, I64, P, P, P, P, P, P, I64,
                         I64, I],
@@ -123,7 +125,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(dll, name)
         fn.argtypes = args
         returns_int = ("qc_features", "qc_attention_available", "qc_flash_attention", "qc_amx_available",
-                       "qc_amx_enable")
+                       "qc_amx_enable", "qc_amx_attention")
         fn.restype = ctypes.c_int if name in returns_int else None
     return dll
 
@@ -173,6 +175,12 @@ def amx_ready() -> bool:
     kernel granted this process AMX tile state (asked once, here)."""
     dll = lib()
     return dll is not None and has_amx() and bool(dll.qc_amx_available()) and bool(dll.qc_amx_enable())
+
+
+def set_amx_attention(on: bool) -> bool:
+    """Whether the prefill attention kernel multiplies on AMX tiles (the default once ``amx_ready``)
+    or on AVX-512 BF16 dot products (tests compare both); returns the new setting."""
+    return amx_ready() and bool(lib().qc_amx_attention(int(bool(on))))
 
 
 @functools.cache

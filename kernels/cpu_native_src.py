@@ -482,6 +482,25 @@ void qc_dequant(const uint8_t* q, int qkind, int64_t ldq, int64_t N, int64_t K, 
     }
 }
 
+/* ------------------------------------------------------------------ column gather
+ * out[m, j] = x[m, idx[j]] for j < n (QUIK's permuted or split activation columns; torch's
+ * index_select along the last dimension is several times slower for bf16 rows). */
+void qc_gather_cols(const void* x, int dt, int64_t M, int64_t ldx, const int64_t* idx, int64_t n, void* out,
+                    int64_t ldo, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(M * n > 32768)
+    for (int64_t m = 0; m < M; ++m) {
+        if (dt == F32) {
+            const float* xr = (const float*)x + m * ldx;
+            float* o = (float*)out + m * ldo;
+            for (int64_t j = 0; j < n; ++j) o[j] = xr[idx[j]];
+        } else {
+            const uint16_t* xr = (const uint16_t*)x + m * ldx;
+            uint16_t* o = (uint16_t*)out + m * ldo;
+            for (int64_t j = 0; j < n; ++j) o[j] = xr[idx[j]];
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ small M in one call
  * The decode path without round trips through Python: quantize, VNNI GEMV, epilogue (the
  * functions above, in the same order, on scratch buffers). */

@@ -100,9 +100,11 @@ def test_bf16_prefill_runs_the_flash_kernel(monkeypatch):
     assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 SDPA vs bf16 flash: rounding apart
 
 
-def test_prefill_on_a_cpu_with_amx_stays_sdpa(monkeypatch):
-    """With AMX, SDPA's tile kernels beat the flash kernel: plain prefill is SDPA's, bit for bit."""
+def test_prefill_on_a_cpu_with_amx_but_no_tile_path_stays_sdpa(monkeypatch):
+    """With AMX, SDPA's tile kernels beat the flash kernel's dot products: without its own tile path
+    (AMX not granted, or not built) plain prefill is SDPA's, bit for bit."""
     monkeypatch.setattr(cpu_native, "has_amx", lambda: True)
+    monkeypatch.setattr(cpu_native, "amx_ready", lambda: False)
     calls = _spy_flash(monkeypatch)
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 4, 40, 32, generator=g).bfloat16() for _ in range(3))

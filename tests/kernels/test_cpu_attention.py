@@ -9,8 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.kernels import cpu_attention as ca
+from qcompile.kernels import cpu_native
 
 pytestmark = pytest.mark.skipif(not ca.available(), reason="the native AVX-512 BF16 attention kernel is not built here")
+
+
+@pytest.fixture(autouse=True, params=["dot products", "amx tiles"])
+def products(request):
+    """Every test runs the kernel both ways: the AVX-512 BF16 dot products, and on CPUs with AMX the
+    bf16 tiles (head sizes that are multiples of 32; others keep the dot products)."""
+    tiles = request.param == "amx tiles"
+    if tiles and not cpu_native.amx_ready():
+        pytest.skip("no AMX tiles on this CPU")
+    cpu_native.set_amx_attention(tiles)
+    yield request.param
+    cpu_native.set_amx_attention(True)
 
 EPS = 2.0 ** -9
 
