@@ -196,13 +196,18 @@ static void qc_amx_gemm(const int8_t* qa, int64_t M, int64_t Kp, const int8_t* B
         const int64_t obstrip = e->KOp / 32 * 512, obhalf = Np / 16 * obstrip;
         float* xs = e->quik && e->kout ? (float*)malloc((size_t)(QMR * e->kout) * sizeof(float)) : 0;
         qc_amx_config();
+        /* this thread's weight columns fit in 1 MiB of L2: row blocks outside, each read from L1
+           while the columns pass (SmolLM2's layers: 1.2x faster); else the columns outside */
+        const int rows_outside = (j1 - j0) * 32 * Kp <= ((int64_t)1 << 20);
         for (int64_t r0 = 0; r0 < Mp; r0 += rows) {
-            const int64_t r1 = r0 + rows < Mp ? r0 + rows : Mp;
-            for (int64_t j = j0; j < j1; ++j) {
+            const int64_t r1 = r0 + rows < Mp ? r0 + rows : Mp, nm = ((r1 < M ? r1 : M) - r0 + 31) / 32;
+            for (int64_t t = 0; t < nm * (j1 - j0); ++t) {
+                const int64_t j = j0 + (rows_outside ? t % (j1 - j0) : t / nm);
+                const int64_t m0 = r0 + 32 * (rows_outside ? t / (j1 - j0) : t % nm);
                 const int8_t* b0 = Bp + (2 * j) * (Kp / 64) * 1024;
                 const int8_t* b1 = b0 + (Kp / 64) * 1024;
                 const int64_t n0 = 32 * j, nc = N - n0 < 32 ? N - n0 : 32;
-                for (int64_t m0 = r0; m0 < r1 && m0 < M; m0 += 32) {
+                {
                     qc_amx_block(qa + m0 * Kp, Kp, b0, b1, acc);
                     const int64_t mr = M - m0 < 32 ? M - m0 : 32;
                     char* o = (char*)out + (m0 * ldo + n0) * esz;
