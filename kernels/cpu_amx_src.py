@@ -240,6 +240,82 @@ static void qc_amx_gemm(const int8_t* qa, int64_t M, int64_t Kp, const int8_t* B
 #endif
 }
 
+/* The weight-only linear for bf16 activations on bf16 tiles, for M above the GEMV's rows: C^T = W x^T
+   with the weight as the A operand (its rows dequantized, 32 at a time, into a thread's [32][Kp]
+   bf16 buffer, as qc_dequant writes them: the reference's bf16 weight) and x as the B operand (laid
+   out once per call as pairs, xt [Kp/2][Mp][2], zero-padded); float32 sums (every product of two
+   bf16 values is exact), + bias, rounded to bf16. x [M, K] (row stride ldx); q the stored weight
+   (qkind as qc_dequant; row stride ldq), scale / zero [N, G]; xt scratch of Kp * Mp bf16 (Kp, Mp:
+   K and M rounded up to 32). Returns 0, or 1 when a buffer could not be allocated. */
+int qc_wo_amx(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* q, int qkind, int64_t ldq,
+              int64_t N, const float* scale, const float* zero, int64_t G, int64_t group, const float* bias,
+              uint16_t* xt, uint16_t* out, int64_t ldo, int nthreads) {
+#ifdef QC_AMX
+    const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t p = 0; p < Kp / 2; ++p) {
+        uint16_t* row = xt + p * Mp * 2;
+        for (int64_t m = 0; m < Mp; ++m) {
+            row[2 * m] = m < M && 2 * p < K ? x[m * ldx + 2 * p] : 0;
+            row[2 * m + 1] = m < M && 2 * p + 1 < K ? x[m * ldx + 2 * p + 1] : 0;
+        }
+    }
+    const int64_t nblocks = (N + 31) / 32;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t* w = (uint16_t*)aligned_alloc(64, (size_t)(32 * Kp) * 2);
+        float c[32 * 32] __attribute__((aligned(64)));
+        if (w == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        } else {
+            qc_amx_config();
+        }
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < nblocks; ++j) {
+            if (w == NULL) continue;
+            const int64_t n0 = 32 * j, nc = N - n0 < 32 ? N - n0 : 32;
+            for (int64_t r = 0; r < nc; ++r) {
+                qc_dequant_row(q + (n0 + r) * ldq, qkind, n0 + r, K, scale, zero, G, group, (char*)(w + r * Kp), BF16);
+                if (Kp > K) memset(w + r * Kp + K, 0, (size_t)(Kp - K) * 2);
+            }
+            if (nc < 32) memset(w + nc * Kp, 0, (size_t)((32 - nc) * Kp) * 2);
+            for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t k = 0; k < Kp; k += 32) {
+                    _tile_loadd(4, w + k, Kp * 2);
+                    _tile_loadd(5, w + 16 * Kp + k, Kp * 2);
+                    _tile_loadd(6, xt + ((k / 2) * Mp + m0) * 2, Mp * 4);
+                    _tile_loadd(7, xt + ((k / 2) * Mp + m0 + 16) * 2, Mp * 4);
+                    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, c, 128);                  /* c[n][m]: weight rows n, tokens m */
+                _tile_stored(1, c + 16, 128);
+                _tile_stored(2, c + 16 * 32, 128);
+                _tile_stored(3, c + 16 * 32 + 16, 128);
+                const int64_t mr = M - m0 < 32 ? M - m0 : 32;
+                for (int64_t i = 0; i < mr; ++i) {
+                    uint16_t* orow = out + (m0 + i) * ldo + n0;
+                    for (int64_t n = 0; n < nc; ++n) {
+                        float y = c[n * 32 + i];
+                        if (bias) y = y + bias[n0 + n];
+                        orow[n] = f32_to_bf16(y);
+                    }
+                }
+            }
+        }
+        if (w != NULL) _tile_release();
+        free(w);
+    }
+    return failed;
+#else
+    (void)x; (void)M; (void)K; (void)ldx; (void)q; (void)qkind; (void)ldq; (void)N; (void)scale; (void)zero;
+    (void)G; (void)group; (void)bias; (void)xt; (void)out; (void)ldo; (void)nthreads;
+    return 2;
+#endif
+}
+
 /* zero the padding of qa [Mp, Kp] around its M x K quantized values */
 static void qc_amx_pad(int8_t* qa, int64_t M, int64_t K, int64_t Kp) {
     const int64_t Mp = (M + 31) / 32 * 32;

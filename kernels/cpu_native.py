@@ -116,6 +116,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         "qc_amx_available": [],
         "qc_amx_enable": [],
         "qc_amx_attention": [I],
+        "qc_wo_amx": [P, I64, I64, I64, P, I, I64, I64, P, P, I64, I64, P, P, P, I64, I],
         "qc_w8a8_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, F, P, P, P, I64, I64, I],
         "qc_quik_amx": [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I64, P, I64, P, I64, P, P, P, P, P, P, I64,
                         I64, I],
@@ -125,7 +126,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(dll, name)
         fn.argtypes = args
         returns_int = ("qc_features", "qc_attention_available", "qc_flash_attention", "qc_amx_available",
-                       "qc_amx_enable", "qc_amx_attention")
+                       "qc_amx_enable", "qc_amx_attention", "qc_wo_amx")
         fn.restype = ctypes.c_int if name in returns_int else None
     return dll
 

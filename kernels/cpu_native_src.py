@@ -426,12 +426,10 @@ void qc_epilogue_quik(const void* acc, int acc_is_float, int64_t lda, const floa
  * (group <= 0: one group per row), stored in dt (dequantize_weight, then .to(dtype)).
  * qkind: 0 int8 [N, K], 1 uint8 [N, K], 2 packed signed nibbles, 3 packed unsigned nibbles
  * ([N, ceil(K/2)], column 2j in the low nibble). Rows of w are ldw elements apart. */
-void qc_dequant(const uint8_t* q, int qkind, int64_t ldq, int64_t N, int64_t K, const float* scale,
-                const float* zero, int64_t G, int64_t group, void* out, int64_t ldw, int dt, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* qr = q + n * ldq;
-        char* orow = (char*)out + n * ldw * (dt == F32 ? 4 : 2);
+/* row n of the dequantized weight (its stored row qr) into orow */
+static inline void qc_dequant_row(const uint8_t* qr, int qkind, int64_t n, int64_t K, const float* scale,
+                                  const float* zero, int64_t G, int64_t group, char* orow, int dt) {
+    {
         int64_t k = 0;
         while (k < K) {
             int64_t g = group > 0 ? k / group : 0;
@@ -450,6 +448,23 @@ void qc_dequant(const uint8_t* q, int qkind, int64_t ldq, int64_t N, int64_t K, 
                     store16(orow, dt, k, _mm512_mul_ps(v, vs), 16);
                 }
             } else if ((k & 1) == 0) {
+                if (dt == BF16 && end - k >= 64) {
+                    /* the 16 levels' bf16 values, computed as below (so the same bits), then looked up:
+                       32 columns per vpermw */
+                    uint16_t lut[32] = {0};
+                    for (int v = 0; v < 16; ++v) {
+                        float f = (float)((qkind == 2 && v >= 8) ? v - 16 : v);
+                        if (zero) f = f - z;
+                        lut[v] = f32_to_bf16(f * s);
+                    }
+                    const __m512i vl = _mm512_loadu_si512((const void*)lut), nib = _mm512_set1_epi32(0xF);
+                    for (; k + 32 <= end; k += 32) {
+                        __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qr + k / 2)));
+                        __m512i idx = _mm512_or_si512(_mm512_and_si512(t, nib),
+                                                      _mm512_slli_epi32(_mm512_srli_epi32(t, 4), 16));
+                        _mm512_storeu_si512((void*)((uint16_t*)orow + k), _mm512_permutexvar_epi16(idx, vl));
+                    }
+                }
                 const __m512i perm = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
                 for (; k + 16 <= end; k += 16) {
                     __m128i b = _mm_loadl_epi64((const __m128i*)(qr + k / 2));   /* 8 bytes: 16 nibbles */
@@ -480,6 +495,13 @@ void qc_dequant(const uint8_t* q, int qkind, int64_t ldq, int64_t N, int64_t K, 
             }
         }
     }
+}
+
+void qc_dequant(const uint8_t* q, int qkind, int64_t ldq, int64_t N, int64_t K, const float* scale,
+                const float* zero, int64_t G, int64_t group, void* out, int64_t ldw, int dt, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        qc_dequant_row(q + n * ldq, qkind, n, K, scale, zero, G, group, (char*)out + n * ldw * (dt == F32 ? 4 : 2), dt);
 }
 
 /* ------------------------------------------------------------------ column gather

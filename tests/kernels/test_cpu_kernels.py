@@ -199,8 +199,32 @@ def test_weight_only_prefill_path_equals_the_reference_bit_for_bit(bits, gran, s
     g = _gen(bits * k + n)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, gran, sym)
     args = (pack_weight(qw.q, bits), qw.scale, qw.zero, torch.randn(n, generator=g), bits, qw.group_size, k)
-    x = torch.randn(3, cl.SMALL_M_MAX // 3 + 1, k, generator=g).to(dtype)  # above every small-M threshold
+    rows = max(cl.SMALL_M_MAX, cl.WO_AMX_LARGE_MAX_M) // 3 + 1  # above every small-M threshold (AMX's too)
+    x = torch.randn(3, rows, k, generator=g).to(dtype)
     assert torch.equal(cl.weight_only_linear_cpu(x, *args), weight_only_linear_reference(x, *args))
+
+
+@pytest.mark.parametrize("bits,gran,sym", WEIGHT_ONLY, ids=lambda v: str(v))
+@pytest.mark.parametrize("k,n", [(77, 45), (256, 48), (600, 70)])
+@pytest.mark.parametrize("m", [8, 33, 64])
+def test_weight_only_amx_kernel_agrees_to_bf16_rounding(bits, gran, sym, k, n, m):
+    """bf16 activations, M in the AMX kernel's range: the reference's bf16 weight values (dequantized
+    32 rows at a time, the 4-bit levels through a lookup table), float32 sums: within bf16 rounding
+    of the output plus float32 summation order, bias included; odd K and N leave padded tails."""
+    if not cpu_native.amx_ready():
+        pytest.skip("no AMX on this CPU")
+    g = _gen(bits * k + n + m)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, gran, sym)
+    args = (pack_weight(qw.q, bits), qw.scale, qw.zero, torch.randn(n, generator=g), bits, qw.group_size, k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    got = cl.weight_only_linear_cpu(x, *args)
+    want = weight_only_linear_reference(x.float(), *args)  # float32 activations: the exact-sum side
+    w_bf16 = weight_only_linear_reference(torch.eye(k), *args[:3], None, *args[4:]).T.bfloat16().float()
+    exact = x.float().double() @ w_bf16.double().T + args[3].bfloat16().double()
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    bound = 2.0 ** -8 * exact.abs() + k * 2.0 ** -23 * (x.float().abs() @ w_bf16.abs().T).double() + 1e-6
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("bits,gran,sym", WEIGHT_ONLY, ids=lambda v: str(v))

@@ -87,7 +87,9 @@ def test_layout_packs_the_documented_nibbles():
                 assert byte & 15 == u[i, 4 * j + p] and byte >> 4 == u[i, 4 * j + 2 + p]
 
 
-def test_bf16_small_m_calls_take_the_operator_and_larger_calls_the_reference_arithmetic():
+def test_bf16_small_m_calls_take_the_operator_and_larger_calls_the_reference_arithmetic(monkeypatch):
+    monkeypatch.setattr(cl, "WO_AMX_MAX_M", 0)  # the dispatch of CPUs without AMX (with it, M >= 8 take its tiles)
+    monkeypatch.setattr(cl, "WO_AMX_LARGE_MAX_M", 0)
     args, g = _layer(4, PerRow(), True, 256, 48, seed=3)
     ops = cl.small_m_operands(args[0], args[1], args[2], args[3], 4, args[5], 256, torch.bfloat16)
     assert ops[1] == "gemv" and ops[0] == cl.NATIVE_GEMV_MAX_M[4]
